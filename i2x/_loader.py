@@ -1,0 +1,39 @@
+"""Loads the compiled module, refusing a torch other than the one it was built against."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _load_compiled():
+    try:
+        from . import _build_config
+    except ImportError as exc:  # a source checkout that was never built
+        raise ImportError(
+            "i2x: the compiled extension is not built. Install it with "
+            "`pip install --no-build-isolation .` from the repository root "
+            "(build requirements first: scikit-build-core pybind11 'cmake>=3.26' ninja)."
+        ) from exc
+    if _build_config.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"i2x {_build_config.VERSION} was built against torch {_build_config.TORCH_VERSION}, "
+            f"but torch {torch.__version__} is installed. Rebuild i2x against this torch "
+            "(`pip install --no-build-isolation --force-reinstall --no-deps .`) or install "
+            f"torch=={_build_config.TORCH_VERSION}."
+        )
+    try:
+        from . import _C
+    except ImportError as exc:
+        raise ImportError(
+            f"i2x: the compiled module failed to load ({exc}). It was built against torch "
+            f"{_build_config.TORCH_VERSION}; torch {torch.__version__} is installed."
+        ) from exc
+    return _C
+
+
+_C = _load_compiled()
+
+
+def build_info() -> dict:
+    """What the compiled module was built with (versions, CUDA, OpenMP, thread count)."""
+    return dict(_C.build_info())
