@@ -37,7 +37,6 @@ pybind11::dict build_info() {
   info["openmp"] = false;
 #endif
   info["aten_threads"] = at::get_num_threads();
-  info["parallel_backend"] = at::get_parallel_info();
   return info;
 }
 

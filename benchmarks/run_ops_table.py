@@ -1,0 +1,180 @@
+"""Times every i2x op against its eager-torch composite in one run and prints one table.
+
+    python benchmarks/run_ops_table.py [--device cpu|cuda] [--repeats 7] [--write benchmarks/RESULTS.md]
+
+Contenders are interleaved (i2x, eager, i2x, eager, ...) after a warm-up, and the table reports
+medians and the ratio eager / i2x measured in this run. prototype_assign's peak extra memory is
+measured in a fresh subprocess per contender (ru_maxrss on the CPU, max_memory_allocated on CUDA)
+over what its inputs already hold. On CUDA the device-to-device copy bandwidth is measured beside
+the table, and memory-bound ops report their achieved bandwidth as a share of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ops_cases import CASES, CASES_BY_NAME  # noqa: E402
+
+import i2x  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(case, device: str, repeats: int, warmup: int = 2) -> dict[str, float]:
+    inputs = case.make(device)
+    contenders = {"i2x": case.i2x, "eager": case.eager}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in contenders.values():
+                fn(inputs)
+        _sync(device)
+        samples: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn(inputs)
+                _sync(device)
+                samples[name].append(time.perf_counter() - t0)
+    result = {name: statistics.median(v) for name, v in samples.items()}
+    if case.bytes_moved is not None:
+        result["bytes"] = case.bytes_moved(inputs)
+    return result
+
+
+_MEMORY_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from ops_cases import CASES_BY_NAME
+case = CASES_BY_NAME[sys.argv[2]]
+device, which = sys.argv[3], sys.argv[4]
+inputs = case.make(device)
+fn = case.i2x if which == "i2x" else case.eager
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = fn(inputs)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.no_grad():
+        out = fn(inputs)
+    extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+print(json.dumps({"extra_bytes": extra}))
+"""
+
+
+def peak_extra_memory(case_name: str, device: str, which: str) -> int:
+    here = str(Path(__file__).resolve().parent)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, here, case_name, device, which],
+        check=True, capture_output=True, text=True,
+    )
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"])
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def machine_line(device: str) -> str:
+    if device == "cuda":
+        what = torch.cuda.get_device_name()
+    else:
+        what = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    what = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return (f"{what}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", nargs="*", default=[c.name for c in CASES], choices=[c.name for c in CASES])
+    parser.add_argument("--no-memory", action="store_true", help="skip the prototype_assign memory measurement")
+    parser.add_argument("--write", type=Path, help="append the table to this Markdown file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+
+    bandwidth = copy_bandwidth(args.device) if args.device == "cuda" else None
+    rows = []
+    for name in args.cases:
+        case = CASES_BY_NAME[name]
+        t = time_interleaved(case, args.device, args.repeats)
+        ratio = t["eager"] / t["i2x"]
+        row = {
+            "op": case.name, "shape": case.shape, "i2x_ms": t["i2x"] * 1e3, "eager_ms": t["eager"] * 1e3,
+            "speedup": ratio, "goal": case.goal, "met": ratio >= case.goal_speedup, "note": "",
+        }
+        if bandwidth is not None and "bytes" in t:
+            share = t["bytes"] / t["i2x"] / bandwidth
+            row["note"] = f"{t['bytes'] / t['i2x'] / 1e9:.0f} GB/s = {share:.0%} of copy"
+        if name == "prototype_assign" and not args.no_memory:
+            mine = peak_extra_memory(name, args.device, "i2x")
+            theirs = peak_extra_memory(name, args.device, "eager")
+            row["note"] = f"peak extra memory {mine / 2**20:.0f} MiB vs {theirs / 2**20:.0f} MiB ({mine / theirs:.3f}x)"
+            row["met"] = row["met"] and mine * 10 <= theirs
+        rows.append(row)
+        print(f"{case.name:24s} i2x {row['i2x_ms']:9.3f} ms  eager {row['eager_ms']:9.3f} ms  "
+              f"x{ratio:5.2f}  {'met' if row['met'] else 'MISSED'}  {row['note']}", flush=True)
+
+    header = "| op | shape | i2x ms | eager ms | eager / i2x | goal | met | note |\n|---|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['op']} | {r['shape']} | {r['i2x_ms']:.3f} | {r['eager_ms']:.3f} | {r['speedup']:.2f}x | {r['goal']} | "
+        f"{'yes' if r['met'] else 'NO'} | {r['note']} |\n"
+        for r in rows
+    )
+    stamp = datetime.date.today().isoformat()
+    info = i2x.build_info()
+    text = (
+        f"\n### Kernels on {args.device}, {stamp}\n\n"
+        f"Machine: {machine_line(args.device)}; i2x {info['version']} (cuda={info['cuda']}, openmp={info['openmp']}).\n"
+        + (f"Device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s.\n" if bandwidth else "")
+        + f"Command: `python benchmarks/run_ops_table.py --device {args.device} --repeats {args.repeats}`; "
+        f"medians of {args.repeats} interleaved runs.\n\n" + header + body
+    )
+    print(text)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

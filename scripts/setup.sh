@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with the pinned torch and the build requirements, then builds and
+# installs i2x into it. Idempotent: a second run only rebuilds i2x.
+#   I2X_CUDA=1 bash scripts/setup.sh   builds the CUDA kernels too (needs nvcc)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON_BIN=${PYTHON_BIN:-python3}
+VENV=${I2X_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON_BIN" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# torch and torchvision are pinned as a pair (PyPI's torchvision needs its own torch).
+"$PY" -m pip install -q --disable-pip-version-check \
+  torch==2.14.1 torchvision==0.29.1 \
+  "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
+  "pytest>=8" "pytest-benchmark>=4" expecttest
+# --no-build-isolation: compile against the torch in this environment instead of copying
+# 5.5 GB of torch into a temporary build environment.
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
+"$PY" -c "import i2x; print('i2x built:', i2x.build_info())"
