@@ -83,10 +83,13 @@ print(json.dumps({"extra_bytes": extra}))
 
 def peak_extra_memory(case_name: str, device: str, which: str) -> int:
     here = str(Path(__file__).resolve().parent)
+    # -P: the child must import the installed i2x, not the source folder in the working directory.
     out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, here, case_name, device, which],
-        check=True, capture_output=True, text=True,
+        [sys.executable, "-P", "-c", _MEMORY_CHILD, here, case_name, device, which],
+        capture_output=True, text=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory measurement of {case_name} ({which}) failed:\n{out.stderr}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"])
 
 

@@ -36,6 +36,24 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _call(op, tensors, *args):
+    """Calls ``op``, skipping the Python autograd layer when no gradient can flow.
+
+    ``register_autograd`` puts a Python kernel in front of every call (about 10 us); when grad
+    mode is off or no input requires grad, that kernel would only redispatch, so the call goes
+    straight to the backend kernel. Under torch.compile or functorch transforms (whose wrapped
+    tensors may hide ``requires_grad``) the op is always called normally.
+    """
+    if (
+        (not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors))
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public wrappers
 
@@ -58,7 +76,7 @@ def cam(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradc
     _require_tensor(gradients, "gradients", "cam")
     if method not in CAM_METHODS:
         raise ValueError(f"cam: method must be one of {', '.join(CAM_METHODS)}; got {method!r}")
-    return torch.ops.i2x.cam.default(activations, gradients, method, bool(relu))
+    return _call(torch.ops.i2x.cam.default, (activations, gradients), activations, gradients, method, bool(relu))
 
 
 def _check_size(size) -> tuple[int, int]:
@@ -83,7 +101,7 @@ def upsample_normalize(cam: torch.Tensor, size: Sequence[int], normalize: bool =
     """
     _require_tensor(cam, "cam", "upsample_normalize")
     height, width = _check_size(size)
-    return torch.ops.i2x.upsample_normalize.default(cam, [height, width], bool(normalize))
+    return _call(torch.ops.i2x.upsample_normalize.default, (cam,), cam, [height, width], bool(normalize))
 
 
 def prototype_assign(
@@ -114,7 +132,10 @@ def prototype_assign(
         _require_tensor(mean, "mean", "prototype_assign")
     if components is not None:
         _require_tensor(components, "components", "prototype_assign")
-    index, distances = torch.ops.i2x.prototype_assign.default(features, centroids, mean, components)
+    index, distances = _call(
+        torch.ops.i2x.prototype_assign.default, (features, centroids, mean, components),
+        features, centroids, mean, components,
+    )
     return (index, distances) if return_distances else index
 
 
@@ -137,7 +158,7 @@ def prototype_pool(saliency: torch.Tensor, assignment: torch.Tensor, num_prototy
         raise TypeError(f"prototype_pool: num_prototypes must be an int, got {type(num_prototypes).__name__}")
     if num_prototypes <= 0:
         raise ValueError(f"prototype_pool: num_prototypes must be a positive int (K >= 1), got {num_prototypes}")
-    return torch.ops.i2x.prototype_pool.default(saliency, assignment, num_prototypes)
+    return _call(torch.ops.i2x.prototype_pool.default, (saliency,), saliency, assignment, num_prototypes)
 
 
 def saliency_pool(features: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
@@ -145,7 +166,7 @@ def saliency_pool(features: torch.Tensor, saliency: torch.Tensor) -> torch.Tenso
     (zeros where an image's saliency sums to 0). Differentiable in both inputs."""
     _require_tensor(features, "features", "saliency_pool")
     _require_tensor(saliency, "saliency", "saliency_pool")
-    return torch.ops.i2x.saliency_pool.default(features, saliency)
+    return _call(torch.ops.i2x.saliency_pool.default, (features, saliency), features, saliency)
 
 
 # ----------------------------------------------------------------------------------------------
