@@ -18,7 +18,8 @@ namespace i2x {
 //   centroids [K, D]
 // It writes index[i] = argmin_k (norms[k] - 2 scores[i, k]), ties to the lower k, and
 // distance[i] = |projected_i - centroids[index[i]]|^2 computed directly (not by the expansion).
-// A position whose scores are all NaN/inf (non-finite inputs) gets index -1.
+// A position with ANY non-finite score (NaN/inf in its features or in any centroid, or an
+// overflow) gets index -1 (and distance NaN); the driver turns that into an error.
 using AssignBlockKernel = void (*)(const at::Tensor& projected, const at::Tensor& scores,
                                    const at::Tensor& norms, const at::Tensor& centroids,
                                    at::Tensor& index, at::Tensor& distance);

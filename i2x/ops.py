@@ -174,7 +174,7 @@ def saliency_pool(features: torch.Tensor, saliency: torch.Tensor) -> torch.Tenso
 
 
 @torch.library.register_fake("i2x::cam")
-def _cam_fake(activations, gradients, method, relu):
+def _cam_fake(activations, gradients, method="gradcam", relu=True):
     torch._check(activations.dim() == 4, lambda: "cam: activations must be [B, C, h, w]")
     torch._check(activations.shape == gradients.shape, lambda: "cam: activations and gradients must match")
     b, _, h, w = activations.shape
@@ -182,7 +182,7 @@ def _cam_fake(activations, gradients, method, relu):
 
 
 @torch.library.register_fake("i2x::upsample_normalize")
-def _upsample_normalize_fake(cam, size, normalize):
+def _upsample_normalize_fake(cam, size, normalize=True):
     torch._check(cam.dim() == 3, lambda: "upsample_normalize: cam must be [B, h, w]")
     return cam.new_empty((cam.shape[0], size[0], size[1]))
 
@@ -281,6 +281,12 @@ def _upsample_setup_context(ctx, inputs, output):
     ctx.normalize = normalize
 
 
+def _linear_resize_matrix(n_in, n_out, dtype, device) -> torch.Tensor:
+    """``[n_out, n_in]`` matrix of 1-D linear interpolation with align_corners=False."""
+    eye = torch.eye(n_in, dtype=dtype, device=device)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
+
+
 def _upsample_backward(ctx, grad_out):
     (cam,) = ctx.saved_tensors
     compute = _opmath(cam.dtype)
@@ -292,7 +298,8 @@ def _upsample_backward(ctx, grad_out):
         lo, lo_idx = up.min(dim=1, keepdim=True)
         hi, hi_idx = up.max(dim=1, keepdim=True)
         rng = hi - lo
-        live = rng > 0
+        flat = x.reshape(b, -1)
+        live = (rng > 0) & (flat.amax(dim=1, keepdim=True) > flat.amin(dim=1, keepdim=True))  # as the kernel
         inv = torch.where(live, 1.0 / torch.where(live, rng, torch.ones_like(rng)), torch.zeros_like(rng))
         y = (up - lo) * inv
         gyf = gy.reshape(b, -1)
@@ -302,13 +309,32 @@ def _upsample_backward(ctx, grad_out):
         gu = gu.scatter_add(1, lo_idx, (gyf * (y - 1)).sum(dim=1, keepdim=True) * inv)
         gu = gu.scatter_add(1, hi_idx, -(gyf * y).sum(dim=1, keepdim=True) * inv)
         gy = gu.reshape(grad_out.shape)
-    grad = torch.ops.aten.upsample_bilinear2d_backward.default(
-        gy[:, None].contiguous(), ctx.size, [b, 1, h, w], False, None, None
-    )[:, 0]
+    # Bilinear resizing is separable and linear: up = Ry @ x @ Rx^T with 1-D interpolation matrices,
+    # so the gradient is Ry^T @ g @ Rx. The matrices come from 1-D linear interpolation of the
+    # identity (the same sampling per axis), which also traces with symbolic sizes.
+    ry = _linear_resize_matrix(h, ctx.size[0], compute, cam.device)
+    rx = _linear_resize_matrix(w, ctx.size[1], compute, cam.device)
+    grad = torch.einsum("Hh,bHW,Ww->bhw", ry, gy, rx)
     return grad.to(cam.dtype), None, None
 
 
 torch.library.register_autograd("i2x::upsample_normalize", _upsample_backward, setup_context=_upsample_setup_context)
+
+
+def _prototype_assign_setup_context(ctx, inputs, output):
+    # Indices are discrete and the distances are a by-product for inspection: neither carries a
+    # gradient, so inputs that require grad (features straight from a model) give outputs that
+    # do not, instead of outputs whose backward silently drops the features' gradient.
+    ctx.mark_non_differentiable(*output)
+
+
+def _prototype_assign_backward(ctx, grad_index, grad_distance):
+    return None, None, None, None
+
+
+torch.library.register_autograd(
+    "i2x::prototype_assign", _prototype_assign_backward, setup_context=_prototype_assign_setup_context
+)
 
 
 def _prototype_pool_setup_context(ctx, inputs, output):

@@ -71,7 +71,7 @@ def cam(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradc
 
 def upsample_normalize(cam: torch.Tensor, size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
     """``[B, h, w]`` -> ``[B, H, W]``: bilinear (align_corners=False), then per-image min-max to
-    [0, 1]. A constant map becomes all zeros."""
+    [0, 1]. A constant map becomes all zeros; a map holding a NaN becomes all NaN."""
     compute = _opmath(cam)
     x = cam.to(compute)
     up = F.interpolate(x[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
@@ -79,7 +79,14 @@ def upsample_normalize(cam: torch.Tensor, size: tuple[int, int], normalize: bool
         lo = up.amin(dim=(1, 2), keepdim=True)
         hi = up.amax(dim=(1, 2), keepdim=True)
         rng = hi - lo
-        up = torch.where(rng > 0, (up - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(up))
+        # A constant input map is constant after resizing too (bar rounding ripples of
+        # interpolation weights that do not sum to exactly 1), so it is decided on the input.
+        flat = x.reshape(x.shape[0], -1)
+        constant = (flat.amax(dim=1) == flat.amin(dim=1))[:, None, None]
+        live = (rng > 0) & ~constant
+        up = torch.where(live, (up - lo) / torch.where(live, rng, torch.ones_like(rng)), torch.zeros_like(up))
+        has_nan = torch.isnan(flat).any(dim=1)[:, None, None]
+        up = torch.where(has_nan, torch.full_like(up, float("nan")), up)
     return up.to(cam.dtype)
 
 

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -31,16 +32,20 @@ void assign_block_cpu(const at::Tensor& projected, const at::Tensor& scores, con
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* row = s + i * K;
         // |x - c_k|^2 = |x|^2 + |c_k|^2 - 2 x.c_k; |x|^2 is the same for every k. Strict `<` keeps
-        // the lowest k among ties and skips NaN, so an all-NaN row stays at -1.
+        // the lowest k among ties. Any non-finite score (NaN or inf in the position's features or in
+        // any centroid, or an overflow) marks the row -1, which the caller reports as an error.
         scalar_t best = std::numeric_limits<scalar_t>::infinity();
         int64_t best_k = -1;
+        bool finite = true;
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t v = nrm[k] - scalar_t(2) * row[k];
+          finite &= std::abs(v) <= std::numeric_limits<scalar_t>::max();
           if (v < best) {
             best = v;
             best_k = k;
           }
         }
+        if (!finite) best_k = -1;
         idx[i] = best_k;
         if (best_k < 0) {
           dist[i] = std::numeric_limits<scalar_t>::quiet_NaN();
@@ -80,8 +85,8 @@ void prototype_pool_kernel(const at::Tensor& saliency, const at::Tensor& assignm
   at::parallel_for(0, B, kPoolImagesPerTask, [&](int64_t b0, int64_t b1) {
     // Only the prototypes present in an image (at most h*w of K) are touched after the output
     // rows are zeroed: the scratch sums/counts are reset entry by entry as they are consumed.
-    // Counts accumulate in acc_t (exact below 2^24 positions per image).
-    std::vector<acc_t> sums(K, acc_t(0)), num(K, acc_t(0));
+    std::vector<acc_t> sums(K, acc_t(0));
+    std::vector<int64_t> num(K, 0);
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* sb = s + b * P;
       const index_t* ab = a + b * P;
@@ -97,7 +102,7 @@ void prototype_pool_kernel(const at::Tensor& saliency, const at::Tensor& assignm
           continue;
         }
         sums[k] += static_cast<acc_t>(sb[i]);
-        num[k] += acc_t(1);
+        num[k] += 1;
       }
       if (C10_UNLIKELY(out_of_range)) {
         for (int64_t i = 0; i < P; ++i) {
@@ -108,11 +113,11 @@ void prototype_pool_kernel(const at::Tensor& saliency, const at::Tensor& assignm
       }
       for (int64_t i = 0; i < P; ++i) {
         const int64_t k = static_cast<int64_t>(ab[i]);
-        if (num[k] > acc_t(0)) {
-          o[k] = static_cast<scalar_t>(sums[k] / num[k]);
-          c[k] = static_cast<int64_t>(num[k]);
+        if (num[k] > 0) {
+          o[k] = static_cast<scalar_t>(sums[k] / static_cast<acc_t>(num[k]));
+          c[k] = num[k];
           sums[k] = acc_t(0);
-          num[k] = acc_t(0);
+          num[k] = 0;
         }
       }
     }

@@ -60,6 +60,26 @@ at::Tensor upsample_normalize_cpu(const at::Tensor& cam_in, at::IntArrayRef size
       std::vector<acc_t> image(H * W);
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* src = in_ptr + b * h * w;
+        scalar_t* dst = out_ptr + b * H * W;
+        const int64_t n = H * W;
+        if (normalize) {
+          // Decided on the input grid: a NaN anywhere makes the image NaN (even one that
+          // downsampling would skip), and a constant grid gives zeros (its resized values may
+          // ripple by rounding, which min-max would blow up to [0, 1]).
+          acc_t in_lo = static_cast<acc_t>(src[0]), in_hi = in_lo;
+          bool in_nan = false;
+          for (int64_t i = 0; i < h * w; ++i) {
+            const acc_t v = static_cast<acc_t>(src[i]);
+            in_nan |= v != v;
+            in_lo = v < in_lo ? v : in_lo;
+            in_hi = v > in_hi ? v : in_hi;
+          }
+          if (in_nan || !(in_hi > in_lo)) {
+            const acc_t fill = in_nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+            for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(fill);
+            continue;
+          }
+        }
         for (int64_t y = 0; y < h; ++y) {
           const scalar_t* s = src + y * w;
           acc_t* r = rows.data() + y * W;
@@ -70,7 +90,6 @@ at::Tensor upsample_normalize_cpu(const at::Tensor& cam_in, at::IntArrayRef size
         }
         acc_t lo = std::numeric_limits<acc_t>::infinity();
         acc_t hi = -std::numeric_limits<acc_t>::infinity();
-        int64_t nans = 0;
         for (int64_t y = 0; y < H; ++y) {
           const auto& t = ytaps[y];
           const acc_t* r0 = rows.data() + t.i0 * W;
@@ -79,22 +98,16 @@ at::Tensor upsample_normalize_cpu(const at::Tensor& cam_in, at::IntArrayRef size
           I2X_SIMD
           for (int64_t x = 0; x < W; ++x) o[x] = t.l0 * r0[x] + t.l1 * r1[x];
           if (normalize) {
-            I2X_PRAGMA(omp simd reduction(min : lo) reduction(max : hi) reduction(+ : nans))
+            I2X_PRAGMA(omp simd reduction(min : lo) reduction(max : hi))
             for (int64_t x = 0; x < W; ++x) {
               lo = o[x] < lo ? o[x] : lo;
               hi = o[x] > hi ? o[x] : hi;
-              nans += o[x] != o[x];
             }
           }
         }
-        const bool has_nan = nans > 0;
-        scalar_t* dst = out_ptr + b * H * W;
-        const int64_t n = H * W;
         if (!normalize) {
           for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(image[i]);
-        } else if (has_nan) {
-          for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
-        } else if (!(hi > lo)) {  // constant image: all zeros, never 0/0
+        } else if (!(hi > lo)) {  // constant after resizing: all zeros, never 0/0
           for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc_t(0));
         } else {
           const acc_t range = hi - lo;
