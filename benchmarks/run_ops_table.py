@@ -14,44 +14,30 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved_medians, machine_line  # noqa: E402
 from ops_cases import CASES, CASES_BY_NAME  # noqa: E402
 
 import i2x  # noqa: E402
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_interleaved(case, device: str, repeats: int, warmup: int = 2) -> dict[str, float]:
     inputs = case.make(device)
-    contenders = {"i2x": case.i2x, "eager": case.eager}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in contenders.values():
+
+    def bind(fn):
+        def run():
+            with torch.no_grad():
                 fn(inputs)
-        _sync(device)
-        samples: dict[str, list[float]] = {k: [] for k in contenders}
-        for _ in range(repeats):
-            for name, fn in contenders.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                fn(inputs)
-                _sync(device)
-                samples[name].append(time.perf_counter() - t0)
-    result = {name: statistics.median(v) for name, v in samples.items()}
+
+        return run
+
+    result = interleaved_medians({"i2x": bind(case.i2x), "eager": bind(case.eager)}, repeats, warmup, device)
     if case.bytes_moved is not None:
         result["bytes"] = case.bytes_moved(inputs)
     return result
@@ -97,31 +83,8 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> flo
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
-
-
-def machine_line(device: str) -> str:
-    if device == "cuda":
-        what = torch.cuda.get_device_name()
-    else:
-        what = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    what = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return (f"{what}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats, 1, device)["copy"]
+    return 2 * nbytes / seconds
 
 
 def main(argv=None) -> int:
