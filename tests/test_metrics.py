@@ -9,24 +9,16 @@ y * W + x: for a 2x2 image [[p0, p1], [p2, p3]].
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, assert_close
+from conftest import assert_close
 
-try:
-    from i2x import metrics
-except ImportError:  # the installed build predates metrics.py: load the (pure-torch) source file
-    _spec = importlib.util.spec_from_file_location("i2x.metrics", REPO / "i2x" / "metrics.py")
-    metrics = importlib.util.module_from_spec(_spec)
-    sys.modules["i2x.metrics"] = metrics
-    _spec.loader.exec_module(metrics)
+from i2x import metrics
 
 F64 = torch.float64
 LN2, LN3, LN5, LN7 = (math.log(v) for v in (2, 3, 5, 7))
