@@ -8,10 +8,16 @@ import torch
 def _load_compiled():
     try:
         from . import _build_config
-    except ImportError as exc:  # a source checkout that was never built
+    except ImportError as exc:  # a source checkout that was never built, or imported in place
+        from pathlib import Path
+
+        here = Path(__file__).resolve().parent
+        in_source = (here.parent / "CMakeLists.txt").exists()
         raise ImportError(
-            "i2x: the compiled extension is not built. Install it with "
-            "`pip install --no-build-isolation .` from the repository root "
+            "i2x: the compiled extension is not built"
+            + (f" (this is the source folder {here}: the installed build is shadowed by it; run from "
+               "another directory or with `python -P`)" if in_source else "")
+            + ". Install it with `pip install --no-build-isolation .` from the repository root "
             "(build requirements first: scikit-build-core pybind11 'cmake>=3.26' ninja)."
         ) from exc
     if _build_config.TORCH_VERSION != torch.__version__:

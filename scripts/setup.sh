@@ -19,4 +19,4 @@ PY="$VENV/bin/python"
 # --no-build-isolation: compile against the torch in this environment instead of copying
 # 5.5 GB of torch into a temporary build environment.
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
-"$PY" -c "import i2x; print('i2x built:', i2x.build_info())"
+"$PY" -P -c "import i2x; print('i2x built:', i2x.build_info())"
