@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -104,12 +105,20 @@ def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
     for name, module in model.named_modules():
         if name:
             handles.append(module.register_forward_hook(record(name)))
+    # The dry forward must leave no trace: buffers (BatchNorm running statistics in train mode) are
+    # put back and the random state (dropout) is forked.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    cuda_devices = [x.device] if x.device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
             model(x)
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
     if not finished:
         raise ValueError(
             "layer=None: no submodule of the model returns a 4-D [B, C, h, w] output with h * w > 1; "
@@ -335,6 +344,13 @@ class Explainer:
             acts = list(activations)
         if not acts or not all(isinstance(a, torch.Tensor) for a in acts):
             raise TypeError("activations must be the tensor(s) recorded by capture() (or the Captured object)")
+        if self._layers is None:
+            raise ValueError("explain_from needs the layers: construct the Explainer with layer=...")
+        if len(acts) != len(self._layers):
+            raise ValueError(
+                f"{len(acts)} activation tensor(s) for {len(self._layers)} layer(s) {self.layer_names}; "
+                "pass the Captured object from this explainer's capture()"
+            )
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
         if any(not a.requires_grad for a in acts):
@@ -376,8 +392,10 @@ class Explainer:
         for (name, _), act, grad in zip(self._layers, activations, grads):
             if grad is None:
                 raise RuntimeError(f"layer {name!r} does not influence the target scores; no gradient reaches it")
-            act_grid = self._to_grid(act.detach(), name)
-            grad_grid = self._to_grid(grad, name)
+            # Half-precision layers (autocast) are weighted in float32: a bf16 map in [0, 1] would
+            # keep only 8 bits.
+            act_grid = self._to_grid(_at_least_float32(act.detach()), name)
+            grad_grid = self._to_grid(_at_least_float32(grad), name)
             _check_finite(act_grid, f"activations of layer {name!r}")
             _check_finite(grad_grid, f"gradients at layer {name!r}")
             cams.append(ops.cam(act_grid, grad_grid, self.method, relu=True))
@@ -416,6 +434,10 @@ class Explainer:
         return maps, _detach_output(logits)
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _detach_output(logits):
     return logits.detach() if isinstance(logits, torch.Tensor) else logits
 
@@ -452,10 +474,10 @@ def _target_scores(logits, targets) -> torch.Tensor:
     batch, classes = logits.shape
     if targets is None:
         index = logits.detach().argmax(dim=1)
-    elif isinstance(targets, bool):
+    elif isinstance(targets, bool) or (isinstance(targets, torch.Tensor) and targets.dtype == torch.bool):
         raise TypeError("targets: a bool is not a class index")
-    elif isinstance(targets, int):
-        index = torch.full((batch,), targets, dtype=torch.long, device=logits.device)
+    elif _is_integer_scalar(targets):
+        index = torch.full((batch,), operator.index(targets), dtype=torch.long, device=logits.device)
     else:
         index = torch.as_tensor(targets, device=logits.device)
         if index.dtype.is_floating_point or index.dtype == torch.bool or index.dim() != 1:
@@ -469,6 +491,17 @@ def _target_scores(logits, targets) -> torch.Tensor:
             f"from {int(index.min())} to {int(index.max())}"
         )
     return logits.gather(1, index[:, None])[:, 0]
+
+
+def _is_integer_scalar(value) -> bool:
+    """An int, a numpy integer or a 0-d integer tensor: one class for the whole batch."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.dtype.is_floating_point and not value.dtype.is_complex
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
