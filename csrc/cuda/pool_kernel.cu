@@ -21,37 +21,16 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "cuda/block_reduce.cuh"
 
 namespace i2x {
 namespace {
 
-constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride loops beyond this many blocks
+using cuda::block_allsum;
+using cuda::kMaxGrid;
+using cuda::warp_allsum;
+
 constexpr int kMaxThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ T warp_allsum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Sum over the block, returned to every thread. blockDim.x must be a multiple of 32 (<= 1024);
-// every thread of the block must call it (it synchronises).
-template <typename T>
-__device__ __forceinline__ T block_allsum(T v, T* smem /* >= 32 */) {
-  v = warp_allsum(v);
-  if (blockDim.x > 32) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    __syncthreads();  // smem may still be read by a previous call
-    if (lane == 0) smem[warp] = v;
-    __syncthreads();
-    const int warps = blockDim.x >> 5;
-    v = lane < warps ? smem[lane] : T(0);
-    v = warp_allsum(v);
-  }
-  return v;
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)

@@ -19,11 +19,15 @@
 
 #include "assign_blocked.h"
 #include "checks.h"
+#include "cuda/block_reduce.cuh"
 
 namespace i2x {
 namespace {
 
-constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride loops beyond this many blocks
+using cuda::block_allsum;
+using cuda::kMaxGrid;
+using cuda::warp_allsum;
+
 
 // ---------------------------------------------------------------------------------------------
 // prototype_assign block kernel: one warp per position (row i). The lanes stride over the K

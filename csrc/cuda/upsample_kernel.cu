@@ -25,12 +25,16 @@
 #include <limits>
 
 #include "checks.h"
+#include "cuda/block_reduce.cuh"
 
 namespace i2x {
 namespace {
 
+using cuda::block_allsum;
+using cuda::kMaxGrid;
+using cuda::warp_allsum;
+
 constexpr int kThreads = 256;
-constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride loops beyond this many blocks
 
 // min / max that propagate NaN like torch.amin / torch.amax.
 template <typename T>
