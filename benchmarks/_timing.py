@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,13 @@ def interleaved_medians(
             fn()
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    for round_index in range(repeats):
+        # Rotate the order every round: a contender that always followed a memory-hungry one would
+        # pay for that one's page faults and freed caches.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = contenders[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -51,3 +57,35 @@ def machine_line(device: str) -> str:
             pass
     return (f"{what}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth(fn: Callable[[], object], interval: float = 0.002) -> int:
+    """Peak resident memory during ``fn()`` over the resident memory when it starts, in bytes.
+
+    Sampled from /proc/self/statm by a thread (ru_maxrss proved unreliable here: it lagged and
+    read 0 for runs that clearly allocated gigabytes). Spikes shorter than ``interval`` can be
+    missed; the contenders measured run for seconds.
+    """
+    start = _rss_bytes()
+    peak = start
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak, _rss_bytes()) - start

@@ -6,7 +6,8 @@ and what explain_from adds to a training step.
 
 Every contender gets the same model (random weights), the same inputs and the same explicit
 targets; contenders are interleaved and medians reported, with ratios from this one run. Peak
-memory is measured in a fresh subprocess per contender (ru_maxrss over what model and inputs hold).
+memory is measured in a fresh subprocess per contender (resident memory sampled during the call,
+over what model and inputs already hold).
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ from i2x.cam import Explainer  # noqa: E402
 # Models and inputs
 
 
-def resnet50_eval(batch: int = 16, size: int = 224):
+def resnet50_eval(batch: int = 16, size: int = 224, predicted_targets: bool = True):
+    """Model, inputs and targets: the predicted classes, or (for memory runs, where a forward here
+    would leave freed memory resident and hide the contender's own peak) seeded random classes."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.randn(batch, 3, size, size)
-    with torch.no_grad():
-        targets = model(x).argmax(dim=1)
+    if predicted_targets:
+        with torch.no_grad():
+            targets = model(x).argmax(dim=1)
+    else:
+        targets = torch.randint(0, 1000, (batch,))
     return model, x, targets
 
 
@@ -128,14 +134,13 @@ def training_overhead(name: str, model, x, y, repeats: int) -> dict:
 # Memory, in a fresh process per contender
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import bench_explain as b
-model, x, t = b.resnet50_eval()
+from _timing import peak_rss_growth
+model, x, t = b.resnet50_eval(predicted_targets=False)
 run = b.EXPLAIN_CONTENDERS[sys.argv[2]](model)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-run(model, x, t)
-print(json.dumps({"extra": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+print(json.dumps({"extra": peak_rss_growth(lambda: run(model, x, t))}))
 """
 
 

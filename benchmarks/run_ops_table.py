@@ -4,7 +4,7 @@
 
 Contenders are interleaved (i2x, eager, i2x, eager, ...) after a warm-up, and the table reports
 medians and the ratio eager / i2x measured in this run. prototype_assign's peak extra memory is
-measured in a fresh subprocess per contender (ru_maxrss on the CPU, max_memory_allocated on CUDA)
+measured in a fresh subprocess per contender (resident memory sampled on the CPU, max_memory_allocated on CUDA)
 over what its inputs already hold. On CUDA the device-to-device copy bandwidth is measured beside
 the table, and memory-bound ops report their achieved bandwidth as a share of it.
 """
@@ -44,25 +44,28 @@ def time_interleaved(case, device: str, repeats: int, warmup: int = 2) -> dict[s
 
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
+from _timing import peak_rss_growth
 from ops_cases import CASES_BY_NAME
 case = CASES_BY_NAME[sys.argv[2]]
 device, which = sys.argv[3], sys.argv[4]
 inputs = case.make(device)
 fn = case.i2x if which == "i2x" else case.eager
+
+def run():
+    with torch.no_grad():
+        fn(inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
 if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        out = fn(inputs)
-    torch.cuda.synchronize()
+    run()
     extra = torch.cuda.max_memory_allocated() - base
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with torch.no_grad():
-        out = fn(inputs)
-    extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    extra = peak_rss_growth(run)
 print(json.dumps({"extra_bytes": extra}))
 """
 
