@@ -43,6 +43,26 @@ def interleaved_medians(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def paired_overhead(base: Callable[[], object], other: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    """Median over rounds of other/base - 1, each round timing both back to back (order alternating).
+
+    A ratio within a round cancels the machine's slow drifts, which on a shared 2-core machine are
+    larger than the few percent being measured."""
+    for _ in range(warmup):
+        base()
+        other()
+    ratios, base_times, other_times = [], [], []
+    for round_index in range(repeats):
+        pair = [(base, base_times), (other, other_times)]
+        for fn, sink in pair if round_index % 2 == 0 else pair[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - t0)
+        ratios.append(other_times[-1] / base_times[-1])
+    return {"base": statistics.median(base_times), "other": statistics.median(other_times),
+            "overhead": statistics.median(ratios) - 1, "spread": (min(ratios) - 1, max(ratios) - 1)}
+
+
 def machine_line(device: str) -> str:
     if device == "cuda":
         what = torch.cuda.get_device_name()
