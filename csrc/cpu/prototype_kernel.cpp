@@ -85,7 +85,9 @@ void prototype_pool_kernel(const at::Tensor& saliency, const at::Tensor& assignm
   scalar_t* out = intensity.mutable_data_ptr<scalar_t>();
   int64_t* cnt = counts.mutable_data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, kPoolWorkPerTask / (P + K));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  // Captured by value: the counts are int64 stores, which the compiler must assume could alias
+  // K and P if they were read through references, reloading them on every iteration.
+  at::parallel_for(0, B, grain, [=](int64_t b0, int64_t b1) {
     // Only the prototypes present in an image (at most h*w of K) are touched after the output
     // rows are zeroed: the scratch sums/counts are reset entry by entry as they are consumed.
     std::vector<acc_t> sums(K, acc_t(0));
