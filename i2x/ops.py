@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from ._loader import _C  # noqa: F401  (importing it registers torch.ops.i2x.*)
 from .reference import CAM_METHODS, GRADCAM_PLUSPLUS_EPS, XGRADCAM_EPS
+from .reference import opmath_dtype as _opmath
+from .reference import promoted_dtype as _promoted
 
 __all__ = ["CAM_METHODS", "cam", "upsample_normalize", "prototype_assign", "prototype_pool", "saliency_pool"]
 
@@ -23,17 +25,6 @@ __all__ = ["CAM_METHODS", "cam", "upsample_normalize", "prototype_assign", "prot
 def _require_tensor(value, name: str, op: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _promoted(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _call(op, tensors, *args):

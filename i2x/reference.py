@@ -17,18 +17,21 @@ GRADCAM_PLUSPLUS_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
 
 
-def _opmath(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an op returns: the promotion of its float inputs."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op computes in: float64 for float64, float32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _opmath(*tensors: torch.Tensor) -> torch.dtype:
+    return opmath_dtype(promoted_dtype(*tensors))
 
 
 def cam_channel_weights(activations: torch.Tensor, gradients: torch.Tensor, method: str) -> torch.Tensor:
@@ -53,7 +56,7 @@ def cam(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradc
     """``[B, C, h, w]`` activations and gradients -> ``[B, h, w]`` class activation map."""
     if method not in CAM_METHODS:
         raise ValueError(f"cam: method must be one of {CAM_METHODS}, got {method!r}")
-    out_dtype = _result_dtype(activations, gradients)
+    out_dtype = promoted_dtype(activations, gradients)
     compute = _opmath(activations, gradients)
     a = activations.to(compute)
     g = gradients.to(compute)
@@ -120,7 +123,7 @@ def prototype_assign(
     int64 indices and squared distances in the inputs' promoted dtype.
     """
     tensors = [t for t in (features, centroids, mean, components) if t is not None]
-    out_dtype = _result_dtype(*tensors)
+    out_dtype = promoted_dtype(*tensors)
     x = project(features, mean, components)
     c = centroids.to(x.dtype)
     # Exact differences, not the |x|^2 - 2 x.c + |c|^2 expansion: this is the ground truth.
@@ -149,7 +152,7 @@ def prototype_pool(saliency: torch.Tensor, assignment: torch.Tensor, num_prototy
 
 def saliency_pool(features: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
     """Saliency-weighted mean of the features ``[B, C]``; zeros where the saliency sums to 0."""
-    out_dtype = _result_dtype(features, saliency)
+    out_dtype = promoted_dtype(features, saliency)
     compute = _opmath(features, saliency)
     f = features.to(compute)
     s = saliency.to(compute)
