@@ -64,7 +64,7 @@ def check_assign(features, centroids, mean=None, components=None, tag="assign", 
     rare) the chosen centroid must still be within that error of the best. Distances are compared
     with the true squared distance to the chosen centroid.
     """
-    promoted = reference._result_dtype(*[t for t in (features, centroids, mean, components) if t is not None])
+    promoted = reference.promoted_dtype(*[t for t in (features, centroids, mean, components) if t is not None])
     index, distance = ops.prototype_assign(features, centroids, mean, components, return_distances=True)
     assert torch.equal(ops.prototype_assign(features, centroids, mean, components), index)
     ref_index, ref_distance = reference.prototype_assign(features, centroids, mean, components)
