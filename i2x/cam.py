@@ -358,21 +358,13 @@ class Explainer:
                 "activations are not part of an autograd graph: run the forward with grad enabled inside "
                 "explainer.capture()"
             )
-        if acts[0].shape[0] == 0:
-            grid = self._to_grid(acts[0].detach(), "activations")
-            h, w = grid.shape[-2:]
-            if size is None:
-                out_size = (h, w)
-            elif size == "input":
-                if image_size is None:
-                    raise ValueError("explain_from: size='input' needs image_size=(H, W)")
-                out_size = _check_size(image_size)
-            else:
-                out_size = _check_size(size)
-            return torch.zeros(0, *out_size, device=acts[0].device, dtype=grid.dtype)
         if size == "input" and image_size is None:
             raise ValueError("explain_from: size='input' needs image_size=(H, W)")
         image_hw = _check_size(image_size) if image_size is not None else None
+        if acts[0].shape[0] == 0:
+            grid = self._to_grid(acts[0].detach(), self.layer_names[0])
+            out_size = _output_size(size, image_hw, grid)
+            return torch.zeros(0, *out_size, device=grid.device, dtype=_at_least_float32(grid).dtype)
         return self._maps(acts, logits, targets, image_hw, size, normalize, retain_graph=True)
 
     __call__ = explain
