@@ -1,0 +1,585 @@
+"""Checkpoint tracking: stage 1 of I2X, online inside a training loop or post hoc over saved weights.
+
+At every scheduled checkpoint the probe set is explained in eval mode: the raw GradCAM grid of the
+true class (``[N, h, w]``, stored float16) and the softmax (``[N, M]``). Nothing else is kept: no
+model copies, no activations. Records go to a :class:`~i2x.store.RunStore`, one atomic file per
+checkpoint, so a killed run resumes by redoing only the checkpoint it was writing.
+
+Online::
+
+    tracker = i2x.Tracker(model, "layer3", probe, "runs/fmnist", planned_steps=len(loader) * epochs)
+    for step, (x, y) in enumerate(batches, start=1):
+        ...train step...
+        tracker.step(step)                  # records only at scheduled steps
+    tracker.finish(step)                    # the final model (+ prototypes, by default)
+
+Post hoc: :func:`track_checkpoints` over a folder of saved weights (safetensors, or torch files
+read with ``weights_only=True``).
+
+Under ``torch.distributed`` every rank explains its contiguous shard of the probe set, the shards
+are gathered, and rank 0 writes: the run folder is the same as a single process's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .cam import Explainer, _strip_wrapper
+from .store import RunStore, RunStoreError
+
+__all__ = [
+    "Probe",
+    "Tracker",
+    "log_schedule",
+    "record_checkpoint",
+    "track_checkpoints",
+    "find_checkpoints",
+    "load_weights",
+    "DEFAULT_CHECKPOINTS",
+]
+
+DEFAULT_CHECKPOINTS = 12
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe set
+
+
+@dataclass
+class Probe:
+    """The samples every checkpoint is explained on.
+
+    Attributes:
+        images: ``[N, C, H, W]`` model-ready inputs.
+        labels: ``[N]`` int64 true classes.
+        classes: the ``M`` class names.
+        indices: ``[N]`` int64 positions in the source dataset (recorded in the run).
+        dataset: JSON description of the source (name, split, ...), recorded in the run.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    indices: torch.Tensor | None = None
+    dataset: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.images, torch.Tensor) or self.images.dim() < 2:
+            raise ValueError(f"probe images: expected a [N, C, H, W] tensor, got {_describe(self.images)}")
+        if not self.images.is_floating_point():
+            raise TypeError(f"probe images: expected a floating-point tensor, got {self.images.dtype}")
+        labels = torch.as_tensor(self.labels)
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"probe labels: expected a [N] integer tensor, got {_describe(labels)}")
+        if labels.numel() != self.images.shape[0]:
+            raise ValueError(f"probe: {self.images.shape[0]} images but {labels.numel()} labels")
+        if labels.numel() == 0:
+            raise ValueError("probe: the probe set is empty")
+        self.labels = labels.long()
+        self.classes = [str(c) for c in self.classes]
+        if int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes):
+            raise ValueError(
+                f"probe labels: expected values in [0, {len(self.classes) - 1}] for {len(self.classes)} classes, "
+                f"got [{int(self.labels.min())}, {int(self.labels.max())}]"
+            )
+        if self.indices is None:
+            self.indices = torch.arange(self.labels.numel())
+        self.indices = torch.as_tensor(self.indices).long()
+        if self.indices.shape != self.labels.shape:
+            raise ValueError(f"probe indices: expected [{self.labels.numel()}], got {list(self.indices.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @classmethod
+    def from_dataset(cls, dataset, size: int | None = None, seed: int = 0) -> "Probe":
+        """A stratified, seeded subset of ``size`` samples (all when None) of an ``i2x.data`` dataset
+        (anything with ``images``, ``labels`` and ``classes``)."""
+        from .data import stratified_subset
+
+        for attr in ("images", "labels", "classes"):
+            if not hasattr(dataset, attr):
+                raise TypeError(f"dataset: expected an object with .images, .labels and .classes (i2x.data), "
+                                f"got {type(dataset).__name__} without .{attr}")
+        labels = torch.as_tensor(dataset.labels)
+        idx = torch.arange(labels.numel()) if size is None else stratified_subset(labels, size, seed=seed)
+        description = {
+            "name": str(getattr(dataset, "name", "custom")),
+            "split": str(getattr(dataset, "split", "")),
+            "probe_seed": int(seed),
+            "probe_size_requested": None if size is None else int(size),
+        }
+        return cls(dataset.images[idx], labels[idx], list(dataset.classes), idx, description)
+
+    def shard(self, rank: int, world: int) -> tuple[int, int]:
+        """``[start, stop)`` of this rank's contiguous share (the first ranks take one more)."""
+        n = len(self)
+        base, extra = divmod(n, world)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
+
+
+def _as_probe(probe, classes) -> Probe:
+    if isinstance(probe, Probe):
+        return probe
+    if isinstance(probe, (tuple, list)) and len(probe) == 2:
+        images, labels = probe
+        if classes is None:
+            classes = [str(c) for c in range(int(torch.as_tensor(labels).max()) + 1)]
+        return Probe(images, torch.as_tensor(labels), list(classes))
+    if all(hasattr(probe, a) for a in ("images", "labels", "classes")):
+        return Probe.from_dataset(probe)
+    raise TypeError(
+        "probe: expected an i2x.Probe, an i2x.data dataset, or an (images [N,C,H,W], labels [N]) pair; "
+        f"got {type(probe).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+
+def log_schedule(planned_steps: int, n_checkpoints: int = DEFAULT_CHECKPOINTS, first_step: int | None = None) -> list[int]:
+    """``n_checkpoints`` distinct steps log-spaced (denser early) from ``first_step`` to
+    ``planned_steps``, always ending at ``planned_steps``.
+
+    Log spacing follows how fast the model changes: most of what it learns, it learns early.
+    ``first_step`` defaults to 1% of the run (at least step 1): a few steps into training the
+    model has barely moved, and two checkpoints there would only record noise.
+    Where rounding makes early steps collide, the next free steps are taken instead.
+    """
+    if isinstance(planned_steps, bool) or not isinstance(planned_steps, int) or planned_steps < 1:
+        raise ValueError(f"planned_steps: expected a positive int, got {planned_steps!r}")
+    if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, int) or n_checkpoints < 1:
+        raise ValueError(f"n_checkpoints: expected a positive int, got {n_checkpoints!r}")
+    first = max(1, planned_steps // 100) if first_step is None else first_step
+    if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= planned_steps:
+        raise ValueError(f"first_step: expected an int in [1, planned_steps={planned_steps}], got {first_step!r}")
+    n = min(n_checkpoints, planned_steps - first + 1)
+    if n == 1:
+        return [planned_steps]
+    steps: list[int] = []
+    span = math.log(planned_steps / first)
+    for i in range(n):
+        s = round(first * math.exp(span * i / (n - 1)))
+        s = max(s, steps[-1] + 1 if steps else first)
+        steps.append(s)
+    # Collisions pushed early steps up; pull the tail back so the last one is the planned end.
+    steps[-1] = planned_steps
+    for i in range(n - 2, -1, -1):
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    return steps
+
+
+def _check_schedule(schedule) -> list[int]:
+    try:
+        steps = sorted({int(s) for s in schedule})
+    except (TypeError, ValueError):
+        raise TypeError(f"schedule: expected an iterable of int steps, got {schedule!r}") from None
+    if not steps:
+        raise ValueError("schedule: expected at least one step, got none")
+    if steps[0] < 0:
+        raise ValueError(f"schedule: steps must be >= 0, got {steps[0]}")
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording one checkpoint
+
+
+def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes) -> None:
+    # Module by module: a user who froze some BatchNorm layers in eval keeps them that way.
+    for module, training in modes:
+        module.training = training
+
+
+def record_checkpoint(
+    explainer: Explainer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw GradCAM grids of the true class and softmax for ``images`` in eval mode.
+
+    Returns ``(saliency [N, h, w] float32, probs [N, M] float32)`` on the CPU. The model's modes
+    are restored module by module afterwards; no parameter's ``.grad`` is touched.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    model = explainer.model
+    device = _model_device(model) if device is None else torch.device(device)
+    modes = _module_modes(model)
+    model.eval()
+    saliency, probs = [], []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            y = labels[start:start + batch_size].to(device, non_blocking=True)
+            grid, logits = explainer.explain(x, targets=y, size=None, normalize=False, return_logits=True)
+            saliency.append(grid.float().cpu())
+            probs.append(F.softmax(logits.float(), dim=1).cpu())
+    finally:
+        _restore_modes(modes)
+    if not saliency:
+        raise ValueError("record_checkpoint: no images to explain")
+    return torch.cat(saliency), torch.cat(probs)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def _dist_context() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_shards(local: torch.Tensor, sizes: list[int], device: torch.device) -> torch.Tensor | None:
+    """Concatenate every rank's ``local`` (first dim ``sizes[r]``) in rank order; all ranks get it.
+
+    Collectives need equal shapes, so shards are padded to the largest one and trimmed after.
+    """
+    world = len(sizes)
+    longest = max(sizes)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tracker
+
+
+class Tracker:
+    """Records stage 1 of I2X for a probe set at scheduled steps of a training loop.
+
+    Args:
+        model: the model being trained (DataParallel/DDP-wrapped is fine: the inner module is
+            explained, so no collective of the wrapper runs during recording).
+        layer: the target layer (a name or a module), as for :class:`i2x.Explainer`.
+        probe: an :class:`i2x.Probe`, an ``i2x.data`` dataset, or ``(images, labels)``.
+        run_dir: the run folder (created; reopened to resume when it holds the same run).
+        schedule: explicit steps to record. Default: :func:`log_schedule` of ``planned_steps``.
+        planned_steps: the loop's total number of steps (needed for the default schedule).
+        n_checkpoints: how many log-spaced checkpoints the default schedule has (12).
+        first_step: where the default schedule starts (default: 1% of ``planned_steps``).
+        method: the CAM method (``gradcam``, as in the paper).
+        batch_size: probe batch size while recording.
+        device: where the probe is explained (default: the model's device).
+        model_name: recorded in the run (default: the model's class name).
+        classes: class names, when ``probe`` is an ``(images, labels)`` pair.
+        reshape: token-to-grid callable for transformer layers.
+        progress: print a line per recorded checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer,
+        probe,
+        run_dir: str | Path,
+        schedule: Iterable[int] | None = None,
+        planned_steps: int | None = None,
+        n_checkpoints: int = DEFAULT_CHECKPOINTS,
+        first_step: int | None = None,
+        method: str = "gradcam",
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        model_name: str | None = None,
+        classes: Sequence[str] | None = None,
+        reshape=None,
+        progress: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if schedule is None:
+            if planned_steps is None:
+                raise ValueError("give planned_steps (the loop's total steps) for the default log-spaced "
+                                 "schedule, or an explicit schedule=[steps]")
+            steps = log_schedule(planned_steps, n_checkpoints, first_step)
+            schedule_info = {"kind": "log", "planned_steps": int(planned_steps), "n_checkpoints": int(n_checkpoints),
+                             "first_step": steps[0]}
+        else:
+            steps = _check_schedule(schedule)
+            schedule_info = {"kind": "explicit"}
+        schedule_info["steps"] = steps
+        self.schedule = steps
+        self.probe = _as_probe(probe, classes)
+        self.module = _strip_wrapper(model)
+        self.explainer = Explainer(self.module, layer, method=method, reshape=reshape)
+        layer_name = self.explainer.layer_names[0] if self.explainer.layer_names else None
+        if layer_name is None:
+            raise ValueError("layer: the tracker needs the target layer named (a name or a module), not None")
+        self.layer = layer_name
+        self.batch_size = batch_size
+        self.device = device
+        self.progress = progress
+        self.rank, self.world = _dist_context()
+        self.run_dir = Path(run_dir)
+        model_info = {"name": model_name or type(self.module).__name__, "layer": layer_name, "method": method}
+        options = {"batch_size": batch_size, "method": method, "world_size": self.world}
+        self.store = self._open_store(model_info, schedule_info, options)
+        self.finished = set(self.store.finished_steps()) if self.store is not None else set()
+        self.finished = self._agree_on_finished(self.finished)
+        self.last_step: int | None = None
+
+    # -- opening the run (rank 0 writes; the others learn what is finished) ---------------------
+
+    def _open_store(self, model_info, schedule_info, options) -> RunStore | None:
+        error = None
+        store = None
+        if self.rank == 0:
+            try:
+                store = RunStore.create(
+                    self.run_dir, model=model_info, dataset=dict(self.probe.dataset), classes=self.probe.classes,
+                    probe_indices=self.probe.indices, probe_labels=self.probe.labels,
+                    schedule=schedule_info, options=options,
+                )
+                store.update_schedule(schedule_info)
+            except Exception as e:  # re-raised below on every rank, so no rank waits forever
+                error = e
+        if self.world > 1:
+            flag = [repr(error) if error is not None else None]
+            dist.broadcast_object_list(flag, src=0)
+            if flag[0] is not None and error is None:
+                raise RunStoreError(f"rank 0 could not open the run folder {self.run_dir}: {flag[0]}")
+        if error is not None:
+            raise error
+        return store
+
+    def _agree_on_finished(self, finished: set[int]) -> set[int]:
+        if self.world == 1:
+            return finished
+        box = [sorted(finished)]
+        dist.broadcast_object_list(box, src=0)
+        return set(box[0])
+
+    # -- the loop's side --------------------------------------------------------------------
+
+    def is_scheduled(self, step: int) -> bool:
+        return int(step) in self.schedule
+
+    def step(self, global_step: int) -> bool:
+        """Call once per training step; records when ``global_step`` is scheduled and not yet
+        finished (a resumed run skips what it already has). Returns whether it recorded."""
+        step = int(global_step)
+        self.last_step = step
+        if step not in self.schedule or step in self.finished:
+            return False
+        self.record(step)
+        return True
+
+    def finish(self, step: int | None = None, prototypes: bool | Mapping = True):
+        """Record the final model at ``step`` (default: the last step seen) and, unless
+        ``prototypes=False``, discover the prototypes from it (a dict passes options to
+        :func:`i2x.prototypes.fit_prototypes`). Returns the :class:`RunStore` (None off rank 0)."""
+        step = self.last_step if step is None else int(step)
+        if step is None:
+            raise ValueError("finish: no step seen yet; pass the final step explicitly")
+        self.record(step, final=True)
+        if prototypes is not False:
+            options = dict(prototypes) if isinstance(prototypes, Mapping) else {}
+            self.fit_prototypes(**options)
+        return self.store
+
+    def fit_prototypes(self, **options):
+        """Stage 2 on the model as it is now (the final model): PCA + k-means over the probe's
+        layer features, assignments and exemplars, written to the run as ``prototypes``."""
+        from .prototypes import discover_prototypes
+
+        if self.rank != 0:
+            return None
+        protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self.batch_size,
+                                     device=self.device, reshape=self.explainer.reshape, **options)
+        write_prototypes(self.store, protos)
+        return protos
+
+    def record(self, step: int, final: bool = False) -> None:
+        """Explain the probe set now and write it as checkpoint ``step``."""
+        start, stop = self.probe.shard(self.rank, self.world)
+        saliency, probs = record_checkpoint(
+            self.explainer, self.probe.images[start:stop], self.probe.labels[start:stop],
+            batch_size=self.batch_size, device=self.device,
+        )
+        if self.world > 1:
+            sizes = [self.probe.shard(r, self.world)[1] - self.probe.shard(r, self.world)[0] for r in range(self.world)]
+            device = _collective_device()
+            saliency = _gather_shards(saliency, sizes, device)
+            probs = _gather_shards(probs, sizes, device)
+        if self.rank == 0:
+            self.store.write_checkpoint(step, saliency, probs, final=final)
+            if self.progress:
+                acc = (probs.argmax(1) == self.probe.labels).float().mean().item()
+                print(f"i2x: checkpoint at step {step} recorded ({len(self.probe)} probe samples, probe accuracy {acc:.3f})")
+        self.finished.add(int(step))
+        if self.world > 1:
+            dist.barrier()
+
+
+def write_prototypes(store: RunStore, protos) -> None:
+    """Store prototypes in the run, checking they cover its probe set and grid."""
+    expected = [store.probe_size, *(store.grid or protos.assignment.shape[1:])]
+    if list(protos.assignment.shape) != list(expected):
+        raise ValueError(f"prototypes: assignment has shape {list(protos.assignment.shape)}, the run expects {expected}")
+    store.write_tensors("prototypes", protos.to_tensors(), record={"options": protos.options,
+                                                                    "n_prototypes": int(protos.centroids.shape[0])})
+
+
+# ----------------------------------------------------------------------------------------------
+# Post hoc: a folder of saved checkpoints
+
+_NUMBER = re.compile(r"(\d+)")
+
+
+def find_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, file)`` for every weights file in ``folder``, ascending by step.
+
+    The step is the last number in the file name (``epoch3-step1200.pt`` -> 1200). A file without a
+    number, or two files with one step, are errors: the order of checkpoints is the explanation.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist or is not a folder")
+    found: dict[int, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
+            continue
+        numbers = _NUMBER.findall(path.stem)
+        if not numbers:
+            raise ValueError(f"checkpoint {path.name}: its name has no step number (name files like step-1200.pt)")
+        step = int(numbers[-1])
+        if step in found:
+            raise ValueError(f"checkpoints {found[step].name} and {path.name} both claim step {step}")
+        found[step] = path
+    if not found:
+        raise FileNotFoundError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in {folder}")
+    return sorted(found.items())
+
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch file read with ``weights_only=True``
+    (nothing is unpickled); training checkpoints nesting it under ``state_dict``/``model``/...
+    are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or one that needs unpickling of arbitrary objects
+        raise ValueError(f"checkpoint {path}: cannot be read as weights ({type(e).__name__}: {e})") from None
+    for _ in range(3):
+        if isinstance(state, Mapping) and not _is_state_dict(state):
+            nested = next((state[k] for k in _NESTED_KEYS if k in state and isinstance(state[k], Mapping)), None)
+            if nested is None:
+                break
+            state = nested
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        raise ValueError(f"checkpoint {path}: holds no state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    if not any(k in own for k in state) and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DDP/DataParallel wrapper
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from None
+
+
+def track_checkpoints(
+    model: nn.Module,
+    layer,
+    probe,
+    checkpoints: str | Path | Sequence[tuple[int, str | Path]],
+    run_dir: str | Path,
+    prototypes: bool | Mapping = True,
+    **tracker_options,
+) -> RunStore:
+    """Post hoc tracking: record every saved checkpoint (ascending step) into ``run_dir``.
+
+    ``checkpoints`` is a folder (see :func:`find_checkpoints`) or explicit ``(step, file)`` pairs.
+    The last one is the final model; prototypes are discovered from it unless
+    ``prototypes=False``. Steps already finished in ``run_dir`` are skipped, so an interrupted
+    call resumes where it stopped. ``model`` gets its original weights back at the end.
+    """
+    pairs = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else [
+        (int(s), Path(p)) for s, p in checkpoints
+    ]
+    if not pairs:
+        raise ValueError("checkpoints: expected at least one (step, file)")
+    pairs = sorted(pairs)
+    steps = [s for s, _ in pairs]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"checkpoints: duplicate steps in {steps}")
+    module = _strip_wrapper(model)
+    tracker = Tracker(module, layer, probe, run_dir, schedule=steps, **tracker_options)
+    original = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    final_step = steps[-1]
+    try:
+        for step, path in pairs:
+            needs_prototypes = step == final_step and prototypes is not False and (
+                tracker.store is None or not tracker.store.has("prototypes"))
+            if step in tracker.finished and not needs_prototypes:
+                continue
+            _load_into(module, load_weights(path), path)
+            if step not in tracker.finished:
+                tracker.record(step, final=step == final_step)
+            if needs_prototypes:
+                tracker.fit_prototypes(**(dict(prototypes) if isinstance(prototypes, Mapping) else {}))
+    finally:
+        module.load_state_dict(original)
+    return tracker.store
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {list(t.shape)}"
+    return type(t).__name__
