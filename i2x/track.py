@@ -22,6 +22,7 @@ are gathered, and rank 0 writes: the run folder is the same as a single process'
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -272,6 +273,31 @@ def _gather_shards(local: torch.Tensor, sizes: list[int], device: torch.device) 
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu()
 
 
+@contextlib.contextmanager
+def _rank0_buffers(module: nn.Module, device: torch.device):
+    """Use rank 0's buffers (BatchNorm running statistics) while recording, then restore.
+
+    DDP syncs buffers only at the start of the next forward, so after a training step every rank
+    holds the statistics of its own last batch; recording with them would make each shard of the
+    probe set see a different model. The records are rank 0's model, as in a single process.
+    """
+    saved = []
+    for buf in module.buffers():
+        if buf.numel() == 0:
+            continue
+        saved.append((buf, buf.detach().clone()))
+        staged = buf.detach().to(device)
+        dist.broadcast(staged, src=0)
+        with torch.no_grad():
+            buf.copy_(staged)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, original in saved:
+                buf.copy_(original)
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -431,10 +457,12 @@ class Tracker:
     def record(self, step: int, final: bool = False) -> None:
         """Explain the probe set now and write it as checkpoint ``step``."""
         start, stop = self.probe.shard(self.rank, self.world)
-        saliency, probs = record_checkpoint(
-            self.explainer, self.probe.images[start:stop], self.probe.labels[start:stop],
-            batch_size=self.batch_size, device=self.device,
-        )
+        same_buffers = _rank0_buffers(self.module, _collective_device()) if self.world > 1 else contextlib.nullcontext()
+        with same_buffers:
+            saliency, probs = record_checkpoint(
+                self.explainer, self.probe.images[start:stop], self.probe.labels[start:stop],
+                batch_size=self.batch_size, device=self.device,
+            )
         if self.world > 1:
             sizes = [self.probe.shard(r, self.world)[1] - self.probe.shard(r, self.world)[0] for r in range(self.world)]
             device = _collective_device()
