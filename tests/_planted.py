@@ -1,0 +1,96 @@
+"""A planted-concept dataset: the ground truth the analysis is held to.
+
+Every image (1 x 28 x 28) shows two small drawn shapes on faint noise, at random cells of a 3 x 3
+layout (so they never overlap). Each class is defined by its pair of shapes:
+
+    class 0 "ring+bar"      ring and bar
+    class 1 "ring+plus"     ring and plus        <- shares the ring with class 0: the confusable pair
+    class 2 "x+triangle"    x and triangle
+    class 3 "square+dot"    square and dot
+
+In a share ``ambiguous`` of classes 0 and 1 the distinguishing shape is drawn faintly, so the
+ring alone is what the model sees: the pair stays confusable and the ring's effect on
+confidence in 0 versus 1 changes over training. The bar and the plus each belong to one class.
+The generator also returns where every shape was drawn, so tests can tell which prototype sits
+on which shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIZE = 28
+CELL = 9  # 3 x 3 cells of 9 px (27 px), offset 1 px from the border
+SHAPES = ("ring", "bar", "plus", "x", "triangle", "square", "dot")
+CLASS_SHAPES = (("ring", "bar"), ("ring", "plus"), ("x", "triangle"), ("square", "dot"))
+CLASSES = ["ring+bar", "ring+plus", "x+triangle", "square+dot"]
+SHARED_SHAPE = "ring"
+CONFUSED_PAIR = (0, 1)
+UNIQUE_SHAPES = {"bar": 0, "plus": 1}
+
+
+def _glyph(name: str) -> torch.Tensor:
+    """A 7 x 7 binary glyph."""
+    g = torch.zeros(7, 7)
+    r = torch.arange(7)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    d2 = (yy - 3) ** 2 + (xx - 3) ** 2
+    if name == "ring":
+        g[(d2 >= 5) & (d2 <= 10)] = 1
+    elif name == "bar":
+        g[2:5, :] = 1
+    elif name == "plus":
+        g[3, :] = 1
+        g[:, 3] = 1
+    elif name == "x":
+        g[yy == xx] = 1
+        g[yy == 6 - xx] = 1
+    elif name == "triangle":
+        g[(yy >= 1) & ((xx - 3).abs() <= (yy - 1) // 2)] = 1
+        g[6, :] = 1
+    elif name == "square":
+        g[0, :] = g[6, :] = 1
+        g[:, 0] = g[:, 6] = 1
+    elif name == "dot":
+        g[d2 <= 2] = 1
+    else:
+        raise ValueError(name)
+    return g
+
+
+GLYPHS = {name: _glyph(name) for name in SHAPES}
+
+
+def make_planted(n_per_class: int = 150, seed: int = 0, ambiguous: float = 0.3, noise: float = 0.15):
+    """Returns ``(images [N, 1, 28, 28], labels [N], placements)`` where ``placements[i]`` maps
+    each drawn shape to its ``(top, left)`` pixel corner."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_class * len(CLASS_SHAPES)
+    images = torch.randn(n, 1, SIZE, SIZE, generator=g) * noise
+    labels = torch.arange(len(CLASS_SHAPES)).repeat_interleave(n_per_class)
+    placements = []
+    for i in range(n):
+        cls = int(labels[i])
+        cells = torch.randperm(9, generator=g)[:2].tolist()
+        where = {}
+        for j, (shape, cell) in enumerate(zip(CLASS_SHAPES[cls], cells)):
+            top = 1 + (cell // 3) * CELL + int(torch.randint(0, 3, (1,), generator=g))
+            left = 1 + (cell % 3) * CELL + int(torch.randint(0, 3, (1,), generator=g))
+            strength = 1.0
+            if cls in CONFUSED_PAIR and j == 1 and float(torch.rand(1, generator=g)) < ambiguous:
+                strength = 0.25  # the distinguishing shape is barely there
+            images[i, 0, top:top + 7, left:left + 7] += strength * GLYPHS[shape]
+            where[shape] = (top, left)
+        placements.append(where)
+    perm = torch.randperm(n, generator=g)
+    return images[perm], labels[perm], [placements[int(p)] for p in perm]
+
+
+def shape_cells(placements, grid: int = 7, size: int = SIZE) -> dict[str, list[tuple[int, int, int]]]:
+    """For every shape: the ``(sample, row, col)`` grid cells that hold its centre pixel."""
+    scale = size / grid
+    out: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SHAPES}
+    for i, where in enumerate(placements):
+        for shape, (top, left) in where.items():
+            out[shape].append((i, int((top + 3) // scale), int((left + 3) // scale)))
+    return out
