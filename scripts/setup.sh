@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-python3}
 VENV=${I2X_VENV:-.venv}
 
+# Real data for the demo and the Fashion-MNIST tests (best effort: i2x itself does not need it).
+bash scripts/get_data.sh || echo "setup: dataset-fashion-mnist not installed; the Fashion-MNIST tests will skip" >&2
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_BIN" -m venv "$VENV"
 fi
