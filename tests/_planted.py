@@ -8,9 +8,10 @@ layout (so they never overlap). Each class is defined by its pair of shapes:
     class 2 "x+triangle"    x and triangle
     class 3 "square+dot"    square and dot
 
-In a share ``ambiguous`` of classes 0 and 1 the distinguishing shape is drawn faintly, so the
-ring alone is what the model sees: the pair stays confusable and the ring's effect on
-confidence in 0 versus 1 changes over training. The bar and the plus each belong to one class.
+In a share ``ambiguous`` of classes 0 and 1 the distinguishing shape is left out (or drawn at
+``faint`` strength), so the ring alone is what the model sees: those samples cannot be told
+apart, the pair stays confused, and the ring's effect on confidence in 0 versus 1 swings as
+training pushes those samples one way and then the other. The bar and the plus each belong to one class.
 The generator also returns where every shape was drawn, so tests can tell which prototype sits
 on which shape.
 """
@@ -61,9 +62,9 @@ def _glyph(name: str) -> torch.Tensor:
 GLYPHS = {name: _glyph(name) for name in SHAPES}
 
 
-def make_planted(n_per_class: int = 150, seed: int = 0, ambiguous: float = 0.3, noise: float = 0.15):
+def make_planted(n_per_class: int = 150, seed: int = 0, ambiguous: float = 0.3, faint: float = 0.0, noise: float = 0.15):
     """Returns ``(images [N, 1, 28, 28], labels [N], placements)`` where ``placements[i]`` maps
-    each drawn shape to its ``(top, left)`` pixel corner."""
+    each drawn shape to its ``(top, left)`` pixel corner (a left-out shape is not listed)."""
     g = torch.Generator().manual_seed(seed)
     n = n_per_class * len(CLASS_SHAPES)
     images = torch.randn(n, 1, SIZE, SIZE, generator=g) * noise
@@ -78,9 +79,10 @@ def make_planted(n_per_class: int = 150, seed: int = 0, ambiguous: float = 0.3, 
             left = 1 + (cell % 3) * CELL + int(torch.randint(0, 3, (1,), generator=g))
             strength = 1.0
             if cls in CONFUSED_PAIR and j == 1 and float(torch.rand(1, generator=g)) < ambiguous:
-                strength = 0.25  # the distinguishing shape is barely there
-            images[i, 0, top:top + 7, left:left + 7] += strength * GLYPHS[shape]
-            where[shape] = (top, left)
+                strength = faint  # the distinguishing shape is missing (or faint)
+            if strength > 0:
+                images[i, 0, top:top + 7, left:left + 7] += strength * GLYPHS[shape]
+                where[shape] = (top, left)
         placements.append(where)
     perm = torch.randperm(n, generator=g)
     return images[perm], labels[perm], [placements[int(p)] for p in perm]
@@ -94,3 +96,42 @@ def shape_cells(placements, grid: int = 7, size: int = SIZE) -> dict[str, list[t
         for shape, (top, left) in where.items():
             out[shape].append((i, int((top + 3) // scale), int((left + 3) // scale)))
     return out
+
+
+def train_and_track(run_dir, seed: int = 0, n_per_class: int = 500, probe_per_class: int = 100, epochs: int = 8,
+                    batch_size: int = 32, lr: float = 1e-3, widths=(8, 16, 32), n_checkpoints: int = 12,
+                    n_prototypes: int = 12):
+    """Train a small ResNet on the planted data with an online Tracker, then find prototypes.
+
+    The probe set is a stratified subset of the training images, as in the method. Returns
+    ``(store, probe_placements)``.
+    """
+    import torch.nn.functional as F
+
+    from i2x.data import stratified_subset
+    from i2x.models import SmallResNet
+    from i2x.track import Probe, Tracker
+
+    torch.manual_seed(seed)
+    x, y, placements = make_planted(n_per_class, seed=seed)
+    probe_idx = stratified_subset(y, probe_per_class * len(CLASSES), seed=seed)
+    probe = Probe(x[probe_idx], y[probe_idx], CLASSES, indices=probe_idx, dataset={"name": "planted", "seed": seed})
+    model = SmallResNet(num_classes=len(CLASSES), in_channels=1, widths=widths)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = len(y) // batch_size
+    tracker = Tracker(model, "layer3", probe, run_dir, planned_steps=epochs * steps_per_epoch,
+                      n_checkpoints=n_checkpoints)
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            model.train()
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            tracker.step(step)
+    store = tracker.finish(step, prototypes={"n_prototypes": n_prototypes, "seed": seed})
+    return store, [placements[int(i)] for i in probe_idx]
