@@ -98,7 +98,7 @@ def test_online_records_match_plain_gradcam_and_leave_the_model_alone(tmp_path):
     torch.manual_seed(0)
     model = tiny_cnn()
     probe = _probe()
-    tracker = Tracker(model, LAYER, probe, tmp_path / "run", schedule=[2, 4, 6])
+    tracker = Tracker(model, LAYER, probe, tmp_path / "run", schedule=[2, 4, 6], recalibrate_bn=0)
     expected = {}
     # A user who keeps one BatchNorm in eval while training: the tracker must not flip it.
     model.features[1].eval()
@@ -127,6 +127,44 @@ def test_online_records_match_plain_gradcam_and_leave_the_model_alone(tmp_path):
     assert manifest["schedule"]["steps"] == [2, 4, 6]
     indices, labels = store.probe()
     assert indices.tolist() == list(range(100, 111)) and torch.equal(labels, probe.labels)
+
+
+def _recalibrated_copy(model, images):
+    """A copy whose BatchNorm statistics are those of ``images`` (one batch, unbiased variance)."""
+    m = copy.deepcopy(model)
+    captured = {}
+    bn = m.features[1]
+    handle = bn.register_forward_hook(lambda mod, i, o: captured.__setitem__("x", i[0]))
+    with torch.no_grad():
+        m.eval()(images)
+    handle.remove()
+    x = captured["x"]
+    with torch.no_grad():
+        bn.running_mean.copy_(x.mean((0, 2, 3)))
+        bn.running_var.copy_(x.var((0, 2, 3), unbiased=True))
+    return m
+
+
+def test_recalibrated_batchnorm_records_and_restores(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    probe = _probe()
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    tracker = Tracker(model, LAYER, probe, tmp_path / "run", schedule=[1], recalibrate_bn=len(probe), batch_size=64)
+    assert tracker.store.manifest["options"]["recalibrate_bn"] == len(probe)
+    tracker.step(1)
+    grid, probs = _reference_record(_recalibrated_copy(model, probe.images), probe)
+    plain_grid, _ = _reference_record(model, probe)
+    assert not torch.allclose(grid, plain_grid, atol=1e-2)  # the statistics really differ
+    rec = RunStore.open(tmp_path / "run").load_checkpoint(1)
+    torch.testing.assert_close(rec["saliency"].float(), grid, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(rec["probs"], probs, rtol=1e-4, atol=1e-5)
+    for k, v in model.state_dict().items():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), k
+    assert model.features[1].momentum == 0.1 and model.training
+    with pytest.raises(ValueError, match="recalibrate_bn: expected None or a non-negative int"):
+        Tracker(model, LAYER, probe, tmp_path / "r2", schedule=[1], recalibrate_bn=-3)
 
 
 def test_finish_marks_the_final_model_and_resume_skips_finished_steps(tmp_path):
