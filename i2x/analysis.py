@@ -36,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "DEFAULTS",
     "UNCERTAINTY_REGRESSIONS",
+    "UNCERTAINTY_PRESENCE",
     "prototype_intensity",
     "changes",
     "standardize_columns",
@@ -84,9 +85,16 @@ DEFAULTS: dict = {
     "min_presence": 0.1,
     "n_pairs": 3,
     "uncertainty_regression": "pair",
-    "uncertainty_score": "sign_changes",
+    "uncertainty_score": "swing",
+    "uncertainty_presence": "both_classes",
     "flag_fraction": 0.5,
 }
+
+#: How "present in a real share of the pair's samples" (METHOD.md stage 8) is read:
+#: "both_classes": present in >= min_presence of class a's samples AND of class b's (a prototype
+#: one class never shows cannot be what the two are confused over); "pair_share": present in
+#: >= min_presence of the pair's samples taken together.
+UNCERTAINTY_PRESENCE = ("both_classes", "pair_share")
 
 UNCERTAINTY_REGRESSIONS = ("pair", "pooled", "class_a")
 
@@ -866,6 +874,10 @@ def _check_options(opts: dict) -> tuple[dict, Callable, str]:
     o["n_pairs"] = _int(o["n_pairs"], "n_pairs", 0)
     for name in ("group_min_fraction", "shared_presence", "separation_threshold", "min_presence", "flag_fraction"):
         o[name] = _fraction(o[name], name)
+    if o["uncertainty_presence"] not in UNCERTAINTY_PRESENCE:
+        raise ValueError(
+            f"uncertainty_presence: expected one of {list(UNCERTAINTY_PRESENCE)}, got {o['uncertainty_presence']!r}"
+        )
     if o["uncertainty_regression"] not in UNCERTAINTY_REGRESSIONS:
         raise ValueError(
             f"uncertainty_regression: expected one of {list(UNCERTAINTY_REGRESSIONS)}, got {o['uncertainty_regression']!r}"
@@ -1016,7 +1028,10 @@ def analyze(run, **options) -> Analysis:
         else:
             beta = beta_class[a]
         d = beta[:, :, a] - beta[:, :, b]  # [T-1, K]
-        pres = _pair_presence(cls_presence, sizes, a, b)
+        if o["uncertainty_presence"] == "both_classes":
+            pres = torch.minimum(cls_presence[a], cls_presence[b]).double()
+        else:
+            pres = _pair_presence(cls_presence, sizes, a, b)
         res = pair_uncertainty(d, pres, score_fn, o["min_presence"], o["flag_fraction"])
         key = f"uncertainty.a{a}.b{b}"
         tensors.update({f"{key}.d": d.float(), f"{key}.score": res["score"], f"{key}.presence": pres.float(),

@@ -88,14 +88,32 @@ def make_planted(n_per_class: int = 150, seed: int = 0, ambiguous: float = 0.3, 
     return images[perm], labels[perm], [placements[int(p)] for p in perm]
 
 
-def shape_cells(placements, grid: int = 7, size: int = SIZE) -> dict[str, list[tuple[int, int, int]]]:
-    """For every shape: the ``(sample, row, col)`` grid cells that hold its centre pixel."""
+def shape_map(placements, grid: int = 7, size: int = SIZE) -> torch.Tensor:
+    """``[N, grid, grid]`` index into SHAPES of the shape whose 7 x 7 box holds each grid cell's
+    centre, -1 for background."""
     scale = size / grid
-    out: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SHAPES}
+    centres = torch.arange(grid) * scale + scale / 2
+    out = torch.full((len(placements), grid, grid), -1, dtype=torch.long)
     for i, where in enumerate(placements):
         for shape, (top, left) in where.items():
-            out[shape].append((i, int((top + 3) // scale), int((left + 3) // scale)))
+            rows = (centres >= top) & (centres < top + 7)
+            cols = (centres >= left) & (centres < left + 7)
+            out[i][rows[:, None] & cols[None, :]] = SHAPES.index(shape)
     return out
+
+
+def prototype_shapes(assignment: torch.Tensor, placements, majority: float = 0.5) -> list[str]:
+    """The planted shape each prototype sits on: the shape holding at least ``majority`` of its
+    assigned positions, else ``"background"``."""
+    k_count = int(assignment.max()) + 1
+    where = shape_map(placements, assignment.shape[1])
+    names = []
+    for k in range(k_count):
+        on = where[assignment == k] + 1
+        share = torch.bincount(on, minlength=len(SHAPES) + 1).float() / max(1, on.numel())
+        best = int(share[1:].argmax()) + 1
+        names.append(SHAPES[best - 1] if share[best] >= majority else "background")
+    return names
 
 
 def train_and_track(run_dir, seed: int = 0, n_per_class: int = 500, probe_per_class: int = 100, epochs: int = 8,

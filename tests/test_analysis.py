@@ -440,6 +440,16 @@ def test_register_a_named_score():
         an._SCORES.pop("test_peak", None)
 
 
+def test_swing_score_hand_computed():
+    assert an.score_swing(torch.tensor([0.5, -0.2, 0.3, -0.1])) == pytest.approx(0.3)  # min(0.8, 0.3)
+    assert an.score_swing(torch.tensor([1.0, 2.0, 0.5])) == 0.0  # one-sided: never uncertain
+    # Flips among negligible early values barely count, unlike a count of sign changes.
+    noisy_start = torch.tensor([1e-4, -1e-4, 1e-4, -1e-4, 1.0, 0.9])
+    assert an.score_swing(noisy_start) == pytest.approx(2e-4)
+    assert an.score_sign_changes(noisy_start) == pytest.approx(4 * noisy_start.abs().mean().item())
+    assert an.score_swing(torch.zeros(0)) == 0.0
+
+
 def test_flag_rule():
     scores = torch.tensor([3.0, 1.0, 1.5, 0.0, 10.0], dtype=torch.float64)  # 1.5 = 0.5 x 3: flagged (>=)
     eligible = torch.tensor([True, True, True, True, False])
@@ -457,15 +467,19 @@ def test_planted_uncertainty_follows_the_stored_sequences(planted):
     entries = result.data["uncertainty"]
     assert [e["pair"] for e in entries] == [[1, 2], [0, 1], [0, 2]]  # 10 hard confusions, then by soft
     assert entries[0]["hard_confusions"] == N_2_CONFUSED and entries[0]["regression"] == "pair"
-    assert entries[0]["formula"].startswith("U_k = sign_changes(d_k)")
+    assert entries[0]["formula"].startswith("U_k = min(sum_t max(d_k^t, 0)")
     for e in entries:
         a, b = e["pair"]
         key = f"uncertainty.a{a}.b{b}"
         beta = result.tensors[f"beta_pair.a{a}.b{b}"]
         torch.testing.assert_close(result.tensors[f"{key}.d"], beta[:, :, a] - beta[:, :, b])
         d = result.tensors[f"{key}.d"].double()
-        expected = torch.tensor([an.score_sign_changes(d[:, k]) for k in range(K)], dtype=torch.float64)
+        expected = torch.tensor([an.score_swing(d[:, k]) for k in range(K)], dtype=torch.float64)
         torch.testing.assert_close(result.tensors[f"{key}.score"], expected)
+        # Candidates must be present in both classes of the pair (uncertainty_presence="both_classes").
+        both = torch.minimum(result.tensors["presence_class"][a], result.tensors["presence_class"][b])
+        torch.testing.assert_close(result.tensors[f"{key}.presence"], both.float())
+        assert result.tensors[f"{key}.eligible"].tolist() == (both >= 0.1).tolist()
         flagged = result.tensors[f"{key}.flagged"]
         assert [f["prototype"] for f in e["flagged"]] == sorted(
             flagged.nonzero().flatten().tolist(), key=lambda k: -float(expected[k]))
