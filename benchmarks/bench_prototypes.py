@@ -217,7 +217,7 @@ def discovery_table(repeats: int = 3, case: DiscoveryCase | None = None, memory:
     inertia = {name: run(setup)() for name, run in CONTENDERS.items()}  # also the warm-up round
     medians = interleaved_medians({n: (lambda r=r: r(setup)) for n, r in CONTENDERS.items()}, repeats, warmup=0)
     planted = partition_inertia(setup.projected, setup.labels.flatten(), case.clusters)
-    del setup
+    setup = None  # free the 490k projected vectors before the memory subprocesses run
     rows = []
     for name in CONTENDERS:
         rows.append({

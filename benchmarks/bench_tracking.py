@@ -37,7 +37,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians, machine_line  # noqa: E402
 
-import i2x  # noqa: E402
 from i2x.cam import Explainer  # noqa: E402
 from i2x.data import load_dataset, make_loader, stratified_subset  # noqa: E402
 from i2x.models import build_model  # noqa: E402
@@ -73,12 +72,18 @@ def record_case(probe: int, batch_size: int, repeats: int) -> dict:
     model, layer = build_model("small-resnet", 10, in_channels=1)
     images, labels = _probe_images(probe)
     explainer = Explainer(model, layer)
+    # The Tracker's default: BatchNorm statistics recomputed on 512 stratified probe images first.
+    calibration = images[stratified_subset(labels, min(512, probe), seed=0)]
     medians = interleaved_medians({
         "plain inference": lambda: plain_inference(model, images, batch_size),
-        "i2x record": lambda: record_checkpoint(explainer, images, labels, batch_size=batch_size),
+        "i2x record": lambda: record_checkpoint(explainer, images, labels, batch_size=batch_size,
+                                                calibration=calibration),
+        "i2x record, recalibrate_bn=0": lambda: record_checkpoint(explainer, images, labels, batch_size=batch_size),
     }, repeats=repeats)
-    return {"probe": probe, "batch": batch_size, "plain": medians["plain inference"],
-            "record": medians["i2x record"], "ratio": medians["i2x record"] / medians["plain inference"]}
+    plain = medians["plain inference"]
+    return {"probe": probe, "batch": batch_size, "plain": plain, "record": medians["i2x record"],
+            "ratio": medians["i2x record"] / plain, "record_nobn": medians["i2x record, recalibrate_bn=0"],
+            "ratio_nobn": medians["i2x record, recalibrate_bn=0"] / plain}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,10 +138,13 @@ def training_case(epochs: int, probe: int, checkpoints: int, batch_size: int = 1
 
 def _record_lines(r: dict) -> list[str]:
     met = "met" if r["ratio"] <= RECORD_GOAL else "MISSED"
+    met_nobn = "met" if r["ratio_nobn"] <= RECORD_GOAL else "MISSED"
     return [
-        "| probe | batch | plain inference s | i2x record s | ratio (goal <= 1.15) |",
-        "|---|---|---|---|---|",
-        f"| {r['probe']} | {r['batch']} | {r['plain']:.3f} | {r['record']:.3f} | {r['ratio']:.3f} ({met}) |",
+        "| probe | batch | plain inference s | i2x record s (default, BN recalibration on 512) | ratio (goal <= 1.15) "
+        "| i2x record s, recalibrate_bn=0 | ratio |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['probe']} | {r['batch']} | {r['plain']:.3f} | {r['record']:.3f} | {r['ratio']:.3f} ({met}) | "
+        f"{r['record_nobn']:.3f} | {r['ratio_nobn']:.3f} ({met_nobn}) |",
     ]
 
 

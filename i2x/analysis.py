@@ -955,7 +955,8 @@ def analyze(run, **options) -> Analysis:
     Options (defaults in :data:`DEFAULTS`, all recorded in analysis.json): ridge_lambda,
     min_group_size, group_min_fraction, shared_presence, separation_threshold,
     n_timeline_prototypes, min_presence, n_pairs, uncertainty_regression ("pair", "pooled",
-    "class_a"), uncertainty_score (a registered name or a callable d [T-1] -> float), flag_fraction.
+    "class_a"), uncertainty_score (a registered name or a callable d [T-1] -> float; default
+    "swing"), uncertainty_presence ("both_classes" or "pair_share"), flag_fraction.
     """
     o, score_fn, formula = _check_options(options)
     store = _open(run)

@@ -402,14 +402,7 @@ class Explainer:
         return ops.upsample_normalize(stacked, out_size, True) if normalize else stacked
 
     def _to_grid(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        grid = self.reshape(t) if self.reshape is not None else t
-        if not isinstance(grid, torch.Tensor) or grid.dim() != 4:
-            shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
-            raise ValueError(
-                f"layer {name!r} gives {shape}, not a 4-D [B, C, h, w] grid; pass reshape= to turn it into one "
-                "(i2x.cam.vit_reshape for ViT tokens, i2x.cam.swin_reshape for Swin)"
-            )
-        return grid
+        return _as_grid(t, name, self.reshape)
 
     def _empty_result(self, x, size, return_logits):
         if size is None or size == "input":
@@ -424,6 +417,27 @@ class Explainer:
         with torch.no_grad():
             logits = self.model(x)
         return maps, _detach_output(logits)
+
+
+def _as_grid(t, name: str, reshape: Callable | None) -> torch.Tensor:
+    """A layer's output as ``[B, C, h, w]`` (through ``reshape`` when given), or a clear error."""
+    grid = reshape(t) if reshape is not None else t
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 4:
+        shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+        raise ValueError(
+            f"layer {name!r} gives {shape}, not a 4-D [B, C, h, w] grid; pass reshape= to turn it into one "
+            "(i2x.cam.vit_reshape for ViT tokens, i2x.cam.swin_reshape for Swin)"
+        )
+    return grid
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model lives: its first parameter's (or buffer's) device, else the CPU."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:

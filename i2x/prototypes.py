@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import ops
-from .cam import _find_last_spatial_layer, _resolve_layer
+from .cam import _as_grid, _find_last_spatial_layer, _resolve_layer, model_device
 
 __all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes"]
 
@@ -242,7 +242,7 @@ def layer_features(
         raise TypeError(f"reshape must be callable or None, got {type(reshape).__name__}")
     source = _ImageSource(images)
     resolved = None if layer is None else _resolve_layer(model, layer)
-    target = _model_device(model) if device is None else torch.device(device)
+    target = model_device(model) if device is None else torch.device(device)
     return _layer_feature_batches(model, resolved, source, batch_size, target, reshape)
 
 
@@ -294,14 +294,7 @@ def _capture_layer(model: nn.Module, resolved: tuple[str, nn.Module], x: torch.T
     if len(recorded) != 1:
         what = "did not run" if not recorded else f"ran {len(recorded)} times"
         raise ValueError(f"layer {name!r} {what} during one forward; pick a layer that runs once per forward")
-    grid = reshape(recorded[0]) if reshape is not None else recorded[0]
-    if not isinstance(grid, torch.Tensor) or grid.dim() != 4:
-        shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
-        raise ValueError(
-            f"layer {name!r} gives {shape}, not a 4-D [B, C, h, w] grid; pass reshape= to turn it into one "
-            "(i2x.cam.vit_reshape for ViT tokens, i2x.cam.swin_reshape for Swin)"
-        )
-    return grid
+    return _as_grid(recorded[0], name, reshape)
 
 
 class _ImageSource:
@@ -310,7 +303,7 @@ class _ImageSource:
     def __init__(self, images):
         if isinstance(images, torch.Tensor):
             if images.dim() < 1:
-                raise ValueError(f"images must be a [N, ...] tensor or a dataset, got a 0-d tensor")
+                raise ValueError("images must be a [N, ...] tensor or a dataset, got a 0-d tensor")
         elif not (hasattr(images, "__getitem__") and hasattr(images, "__len__")):
             raise TypeError(f"images must be a [N, ...] tensor or a dataset (len + indexing), got {type(images).__name__}")
         self.images = images
@@ -333,14 +326,6 @@ class _ImageSource:
                                  "images of one batch must share a shape")
             items.append(item)
         return torch.stack(items)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------

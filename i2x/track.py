@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cam import Explainer, _strip_wrapper
+from .cam import Explainer, _strip_wrapper, model_device
 from .store import RunStore, RunStoreError
 
 __all__ = [
@@ -234,11 +234,16 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
         model.eval()
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
             m.train()
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
-                model(images[start:start + batch_size].to(device, non_blocking=True))
+                batch = images[start:start + batch_size]
+                # A momentum of b / (seen + b) makes the running statistics the sample-weighted
+                # mean over the batches: a short last batch counts for its size, not as much as a
+                # full one.
+                for m in norms:
+                    m.momentum = batch.shape[0] / (start + batch.shape[0])
+                model(batch.to(device, non_blocking=True))
         _restore_modes(modes)
         yield
     finally:
@@ -270,7 +275,7 @@ def record_checkpoint(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     model = explainer.model
-    device = _model_device(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else torch.device(device)
     with recalibrated_batchnorm(model, calibration, device):
         return _explain_eval(explainer, images, labels, batch_size, device)
 
@@ -292,14 +297,6 @@ def _explain_eval(explainer, images, labels, batch_size, device):
     if not saliency:
         raise ValueError("record_checkpoint: no images to explain")
     return torch.cat(saliency), torch.cat(probs)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,8 +517,12 @@ class Tracker:
 
         if self.rank != 0:
             return None
-        protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self.batch_size,
-                                     device=self.device, reshape=self.explainer.reshape, **options)
+        device = model_device(self.module) if self.device is None else torch.device(self.device)
+        # The same BatchNorm statistics as the records, so the assignment and the final saliency
+        # describe one model.
+        with recalibrated_batchnorm(self.module, self.calibration, device):
+            protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self.batch_size,
+                                         device=self.device, reshape=self.explainer.reshape, **options)
         write_prototypes(self.store, protos)
         return protos
 

@@ -9,7 +9,6 @@ same run as one process.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import subprocess
@@ -383,3 +382,68 @@ def test_distributed_tracking_equals_single_process(tmp_path):
     m_dist, m_single = dist_store.manifest, single.manifest
     for key in ("model", "dataset", "classes", "probe", "grid"):
         assert m_dist[key] == m_single[key], key
+
+
+# ----------------------------------------------------------------------------------------------
+# A tracking process killed mid-checkpoint resumes to the uninterrupted result
+
+_TRACK_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    sys.path.insert(0, sys.argv[4])
+    import i2x.store as store_mod
+    from _models import tiny_cnn, tiny_input
+    from i2x.track import Probe, track_checkpoints
+
+    ckpts, run, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    real_save = store_mod.save_file
+    calls = {"n": 0}
+
+    def dying_save(tensors, filename, metadata=None):
+        # Die with half of checkpoint number `kill_at` written to its temporary file.
+        if "saliency" in tensors:
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                with open(filename, "wb") as f:
+                    f.write(b"half")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(tensors, filename, metadata=metadata)
+
+    store_mod.save_file = dying_save
+    probe = Probe(tiny_input(11, seed=3), torch.arange(11) % 5, [f"c{i}" for i in range(5)], dataset={"name": "noise"})
+    store = track_checkpoints(tiny_cnn(), "features.5", probe, ckpts, run, prototypes={"n_prototypes": 4})
+    print("finished", store.finished_steps(), store.has("prototypes"))
+    """
+)
+
+
+def test_killed_tracking_process_resumes_to_the_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    _train_steps(model, 4, lambda step: torch.save(model.state_dict(), folder / f"step-{step}.pt"))
+    script = tmp_path / "child.py"
+    script.write_text(_TRACK_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(i2x.__file__).resolve().parents[1])}
+    tests_dir = str(Path(__file__).resolve().parent)
+
+    def child(run, kill_at):
+        return subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / run), str(kill_at), tests_dir],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    whole = child("whole", 0)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = child("killed", 3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert RunStore.open(tmp_path / "killed").finished_steps() == [1, 2]
+    resumed = child("killed", 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "finished [1, 2, 3, 4] True" in resumed.stdout
+    a, b = RunStore.open(tmp_path / "whole"), RunStore.open(tmp_path / "killed")
+    for step in (1, 2, 3, 4):
+        ra, rb = a.load_checkpoint(step), b.load_checkpoint(step)
+        assert torch.equal(ra["saliency"], rb["saliency"]) and torch.equal(ra["probs"], rb["probs"])
+    pa, pb = a.read_tensors("prototypes"), b.read_tensors("prototypes")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not list((tmp_path / "killed").rglob(".i2x-tmp-*"))
