@@ -98,8 +98,11 @@ def test_errors_are_one_line_with_status_2(tmp_path, checkpoints, capsys):
         main(["track", "--run", "x"])  # argparse: missing required options
 
 
-def test_python_m_i2x_help():
+def test_python_m_i2x_help(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(i2x.__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-m", "i2x", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    # Run from elsewhere: `-m` puts the working directory first on the path, and the repository
+    # root holds the unbuilt source package.
+    out = subprocess.run([sys.executable, "-m", "i2x", "--help"], capture_output=True, text=True, env=env, timeout=60,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert all(cmd in out.stdout for cmd in ("track", "analyze", "explain", "info"))
