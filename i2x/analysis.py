@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import ops
+from ._util import describe as _describe
 from .store import RunStore, RunStoreError
 
 __all__ = [
@@ -109,12 +110,6 @@ _MIN_CLUSTER_FLOOR = 5
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks (messages name the argument, what was expected and what came)
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {list(x.shape)}"
-    return f"{type(x).__name__} {x!r}" if isinstance(x, (int, float, str)) else type(x).__name__
 
 
 def _tensor(x, name: str, dim: int | None = None, *, floating: bool | None = None) -> torch.Tensor:

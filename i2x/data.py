@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from ._util import describe as _describe
+
 __all__ = [
     "DATASET_INFO",
     "DEBIAN_FASHION_MNIST_DIR",
@@ -601,12 +603,6 @@ def _identity(batch):
 
 # --------------------------------------------------------------------------------------------
 # Checks
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def _check_images(images, arg: str) -> None:

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import ops
+from ._util import eval_mode
 from .cam import _as_grid, _find_last_spatial_layer, _resolve_layer, model_device
 
 __all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes"]
@@ -250,28 +251,9 @@ def _layer_feature_batches(model, resolved, source, batch_size, device, reshape)
     for start in range(0, len(source), batch_size):
         x = source.batch(start, min(start + batch_size, len(source))).to(device)
         if resolved is None:
-            with _EvalMode(model):
+            with eval_mode(model):
                 resolved = _resolve_layer(model, _find_last_spatial_layer(model, x))
         yield _capture_layer(model, resolved, x, reshape)
-
-
-class _EvalMode:
-    """Puts the model in eval mode and restores every submodule's own training flag on exit
-    (``model.train(was_training)`` would overwrite submodules the user froze in eval mode)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.modes: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self
-
-    def __exit__(self, *exc):
-        for module, mode in self.modes:
-            module.training = mode
-        return False
 
 
 def _capture_layer(model: nn.Module, resolved: tuple[str, nn.Module], x: torch.Tensor, reshape) -> torch.Tensor:
@@ -287,7 +269,7 @@ def _capture_layer(model: nn.Module, resolved: tuple[str, nn.Module], x: torch.T
 
     handle = module.register_forward_hook(hook)
     try:
-        with _EvalMode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         handle.remove()

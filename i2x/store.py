@@ -30,6 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._util import describe as _describe
+
 __all__ = ["RunStore", "RunStoreError", "FORMAT", "FORMAT_VERSION", "atomic_write_bytes"]
 
 FORMAT = "i2x-run"
@@ -463,12 +465,6 @@ def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or name in {"manifest", "probe"}:
         raise ValueError(f"artefact name {name!r}: expected letters, digits, '_', '-', '.', not manifest/probe")
     return name
-
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} tensor of shape {list(t.shape)}"
-    return type(t).__name__
 
 
 def _json_safe(obj, what: str) -> None:

@@ -34,7 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._util import describe as _describe, eval_mode
 from .cam import Explainer, _strip_wrapper, model_device
+from .data import stratified_subset
 from .store import RunStore, RunStoreError
 
 __all__ = [
@@ -106,8 +108,6 @@ class Probe:
     def from_dataset(cls, dataset, size: int | None = None, seed: int = 0) -> "Probe":
         """A stratified, seeded subset of ``size`` samples (all when None) of an ``i2x.data`` dataset
         (anything with ``images``, ``labels`` and ``classes``)."""
-        from .data import stratified_subset
-
         for attr in ("images", "labels", "classes"):
             if not hasattr(dataset, attr):
                 raise TypeError(f"dataset: expected an object with .images, .labels and .classes (i2x.data), "
@@ -198,16 +198,6 @@ def _check_schedule(schedule) -> list[int]:
 # Recording one checkpoint
 
 
-def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_modes(modes) -> None:
-    # Module by module: a user who froze some BatchNorm layers in eval keeps them that way.
-    for module, training in modes:
-        module.training = training
-
-
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Statistics averaged over batches depend on the batch size; a fixed one keeps the records
 # independent of the probe batch size (and the same on every rank).
@@ -229,13 +219,11 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
         yield
         return
     saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
-    modes = _module_modes(model)
     try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.train()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
+            for m in norms:
+                m.reset_running_stats()
+                m.train()
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start:start + batch_size]
                 # A momentum of b / (seen + b) makes the running statistics the sample-weighted
@@ -244,10 +232,8 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
                 for m in norms:
                     m.momentum = batch.shape[0] / (start + batch.shape[0])
                 model(batch.to(device, non_blocking=True))
-        _restore_modes(modes)
         yield
     finally:
-        _restore_modes(modes)
         with torch.no_grad():
             for m, momentum, mean, var, count in saved:
                 m.momentum = momentum
@@ -281,19 +267,14 @@ def record_checkpoint(
 
 
 def _explain_eval(explainer, images, labels, batch_size, device):
-    model = explainer.model
-    modes = _module_modes(model)
-    model.eval()
     saliency, probs = [], []
-    try:
+    with eval_mode(explainer.model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device, non_blocking=True)
             y = labels[start:start + batch_size].to(device, non_blocking=True)
             grid, logits = explainer.explain(x, targets=y, size=None, normalize=False, return_logits=True)
             saliency.append(grid.float().cpu())
             probs.append(F.softmax(logits.float(), dim=1).cpu())
-    finally:
-        _restore_modes(modes)
     if not saliency:
         raise ValueError("record_checkpoint: no images to explain")
     return torch.cat(saliency), torch.cat(probs)
@@ -445,8 +426,6 @@ class Tracker:
     def _calibration_images(self, n: int) -> torch.Tensor | None:
         if n == 0:
             return None
-        from .data import stratified_subset
-
         n = min(n, len(self.probe))
         idx = stratified_subset(self.probe.labels, n, seed=0)
         return self.probe.images[idx]
@@ -463,7 +442,8 @@ class Tracker:
                     probe_indices=self.probe.indices, probe_labels=self.probe.labels,
                     schedule=schedule_info, options=options,
                 )
-                store.update_schedule(schedule_info)
+                if store.manifest["schedule"] != schedule_info:  # a resumed run with a new schedule
+                    store.update_schedule(schedule_info)
             except Exception as e:  # re-raised below on every rank, so no rank waits forever
                 error = e
         if self.world > 1:
@@ -536,7 +516,7 @@ class Tracker:
                 batch_size=self.batch_size, device=self.device, calibration=self.calibration,
             )
         if self.world > 1:
-            sizes = [self.probe.shard(r, self.world)[1] - self.probe.shard(r, self.world)[0] for r in range(self.world)]
+            sizes = [stop - start for start, stop in (self.probe.shard(r, self.world) for r in range(self.world))]
             device = _collective_device()
             saliency = _gather_shards(saliency, sizes, device)
             probs = _gather_shards(probs, sizes, device)
@@ -678,8 +658,3 @@ def track_checkpoints(
         module.load_state_dict(original)
     return tracker.store
 
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} tensor of shape {list(t.shape)}"
-    return type(t).__name__

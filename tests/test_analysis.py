@@ -385,10 +385,20 @@ def test_planted_timeline(planted):
     assert timeline[(1, 2)]["separated_at"] is None and timeline[(1, 2)]["final_error"] == pytest.approx(0.2)
     assert [e["pair"] for e in result.data["timeline"]] == [[0, 2], [0, 1], [1, 2]]  # by separation step
     protos = timeline[(0, 1)]["prototypes"]
-    assert 1 <= len(protos) <= 3 and all(p["presence"] >= 0.1 for p in protos)
+    # The rule, applied by hand: at beta index t - 1 = 2 of the pooled regression, the 3 largest
+    # |beta[k, 0] - beta[k, 1]| among prototypes present in >= 10% of the pair's samples.
     beta = result.beta_pooled[2].double()
-    for p in protos:  # read off beta index t - 1 = 2 of the pooled regression
-        assert p["d"] == pytest.approx(float(beta[p["prototype"], 0] - beta[p["prototype"], 1]))
+    sizes = torch.tensor(result.data["class_sizes"], dtype=torch.float64)
+    cls = result.tensors["presence_class"].double()
+    pair_presence = (sizes[0] * cls[0] + sizes[1] * cls[1]) / (sizes[0] + sizes[1])
+    d = beta[:, 0] - beta[:, 1]
+    eligible = [k for k in range(K) if pair_presence[k] >= 0.1]
+    expected = sorted(eligible, key=lambda k: -abs(float(d[k])))[:3]
+    assert len(expected) >= 1
+    assert [p["prototype"] for p in protos] == expected
+    for p in protos:
+        assert p["d"] == pytest.approx(float(d[p["prototype"]]))
+        assert p["presence"] == pytest.approx(float(pair_presence[p["prototype"]]))
     assert result.tensors["confusion"][-1, 2, 1] == N_2_CONFUSED
 
 
