@@ -25,6 +25,10 @@ from .store import RunStore, RunStoreError
 from .track import Probe, Tracker, log_schedule, track_checkpoints
 from .prototypes import Prototypes, discover_prototypes, fit_prototypes
 from .analysis import analyze, explain_sample, load_analysis
+from . import curate, finetune as _finetune_module, experiment as _experiment_module
+from .curate import ExplanationPenalty, NothingToCurate, Targets, find_targets, known_targets, load_targets
+from .finetune import evaluate, finetune, train
+from .experiment import experiment, load_results
 
 __all__ = [
     "build_info",
@@ -61,5 +65,18 @@ __all__ = [
     "analyze",
     "load_analysis",
     "explain_sample",
+    # stage 9: the closed loop
+    "curate",
+    "find_targets",
+    "known_targets",
+    "load_targets",
+    "Targets",
+    "NothingToCurate",
+    "ExplanationPenalty",
+    "finetune",
+    "train",
+    "evaluate",
+    "experiment",
+    "load_results",
 ]
 __version__ = "0.1.0"

@@ -64,6 +64,8 @@ __all__ = [
     "prototype_scores",
     "flag_uncertain",
     "pair_uncertainty",
+    "score_decisive",
+    "pair_decisive",
     "Analysis",
     "analyze",
     "load_analysis",
@@ -73,7 +75,7 @@ __all__ = [
 ]
 
 SCHEMA = "i2x-analysis"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The project's defaults for what the paper leaves open (docs/analysis.md says why).
 DEFAULTS: dict = {
@@ -89,6 +91,9 @@ DEFAULTS: dict = {
     "uncertainty_score": "swing",
     "uncertainty_presence": "both_classes",
     "flag_fraction": 0.5,
+    "pairs": None,
+    "decisive_presence": 0.05,
+    "decisive_fraction": 0.5,
 }
 
 #: How "present in a real share of the pair's samples" (METHOD.md stage 8) is read:
@@ -798,6 +803,35 @@ def pair_uncertainty(
     return {"score": scores, "eligible": eligible, "flagged": flag_uncertain(scores, eligible, flag_fraction)}
 
 
+def score_decisive(d: torch.Tensor) -> torch.Tensor:
+    """``D_k = |mean_t d_k^t|`` for ``d [T-1, K]`` -> ``[K]`` float64: how far a prototype pushed the
+    pair one way on balance. A shortcut pushes one way all through training, so its swing is ~0
+    while ``D_k`` is large; a prototype that swings both ways cancels out here."""
+    d = _finite(_tensor(d, "d", 2, floating=True), "d").double().cpu()
+    return d.mean(dim=0).abs() if d.shape[0] else torch.zeros(d.shape[1], dtype=torch.float64)
+
+
+def pair_decisive(d: torch.Tensor, pair_presence: torch.Tensor, min_presence: float = 0.05,
+                  flag_fraction: float = 0.5) -> dict[str, torch.Tensor]:
+    """The second reading of a pair: decisive, one-sided prototypes (shortcut candidates).
+
+    Eligible: present in >= ``min_presence`` of the pair's samples taken together (a cue drawn
+    into one class only is class-skewed by design, so "present in each class" would exclude it).
+    Flagged: eligible, ``D_k > 0`` and ``D_k >= flag_fraction * max_{eligible} D``. Returns
+    ``{"score" [K] float64, "direction" [K] int64 (+1: towards a, -1: towards b), "eligible",
+    "flagged"}``.
+    """
+    d = _tensor(d, "d", 2, floating=True)
+    pres = _tensor(pair_presence, "pair_presence", 1, floating=True)
+    if pres.numel() != d.shape[1]:
+        raise ValueError(f"pair_presence: expected [{d.shape[1]}] (K of d [T-1, K]), got {list(pres.shape)}")
+    scores = score_decisive(d)
+    direction = torch.where(d.double().cpu().sum(dim=0) >= 0, 1, -1).long()
+    eligible = pres.double().cpu() >= _fraction(min_presence, "decisive_presence")
+    return {"score": scores, "direction": direction, "eligible": eligible,
+            "flagged": flag_uncertain(scores, eligible, flag_fraction)}
+
+
 # ----------------------------------------------------------------------------------------------
 # The orchestrator
 
@@ -846,8 +880,33 @@ class Analysis:
         return next((u for u in self.data["uncertainty"] if u["pair"] == key), None)
 
     def uncertain_prototypes(self, a: int, b: int) -> list[int]:
+        """The ambivalent prototypes of pair (a, b) (the swing reading), highest score first."""
         entry = self.uncertainty(a, b)
         return [] if entry is None else [p["prototype"] for p in entry["flagged"]]
+
+    def decisive_prototypes(self, a: int, b: int) -> list[int]:
+        """The decisive, one-sided prototypes of pair (a, b) (shortcut candidates), highest first."""
+        entry = self.uncertainty(a, b)
+        return [] if entry is None else [p["prototype"] for p in entry.get("decisive", [])]
+
+    def flagged_prototypes(self, a: int, b: int, kinds: Sequence[str] = ("ambivalent", "decisive")) -> list[dict]:
+        """Every flagged prototype of pair (a, b) with why: ``{"prototype", "kind", "score",
+        "reason"}``, ambivalent first; a prototype flagged both ways is listed once, as ambivalent."""
+        unknown = sorted(set(kinds) - {"ambivalent", "decisive"})
+        if unknown:
+            raise ValueError(f"kinds: expected 'ambivalent' and/or 'decisive', got unknown {unknown}")
+        entry = self.uncertainty(a, b)
+        if entry is None:
+            return []
+        out, seen = [], set()
+        for kind, key in (("ambivalent", "flagged"), ("decisive", "decisive")):
+            if kind not in kinds:
+                continue
+            for p in entry.get(key, []):
+                if p["prototype"] not in seen:
+                    seen.add(p["prototype"])
+                    out.append({"prototype": p["prototype"], "kind": kind, "score": p["score"], "reason": p["reason"]})
+        return out
 
 
 def _open(run) -> RunStore:
@@ -867,7 +926,8 @@ def _check_options(opts: dict) -> tuple[dict, Callable, str]:
     o["min_group_size"] = _int(o["min_group_size"], "min_group_size", 1)
     o["n_timeline_prototypes"] = _int(o["n_timeline_prototypes"], "n_timeline_prototypes", 0)
     o["n_pairs"] = _int(o["n_pairs"], "n_pairs", 0)
-    for name in ("group_min_fraction", "shared_presence", "separation_threshold", "min_presence", "flag_fraction"):
+    for name in ("group_min_fraction", "shared_presence", "separation_threshold", "min_presence", "flag_fraction",
+                 "decisive_presence", "decisive_fraction"):
         o[name] = _fraction(o[name], name)
     if o["uncertainty_presence"] not in UNCERTAINTY_PRESENCE:
         raise ValueError(
@@ -877,6 +937,14 @@ def _check_options(opts: dict) -> tuple[dict, Callable, str]:
         raise ValueError(
             f"uncertainty_regression: expected one of {list(UNCERTAINTY_REGRESSIONS)}, got {o['uncertainty_regression']!r}"
         )
+    if o["pairs"] is not None:
+        try:
+            pairs = [sorted((int(a), int(b))) for a, b in o["pairs"]]
+        except (TypeError, ValueError):
+            raise ValueError(f"pairs: expected a list of class pairs [[a, b], ...], got {o['pairs']!r}") from None
+        if any(a == b for a, b in pairs):
+            raise ValueError(f"pairs: a pair needs two different classes, got {o['pairs']!r}")
+        o["pairs"] = pairs
     name, fn, formula = resolve_uncertainty_score(o["uncertainty_score"])
     o["uncertainty_score"] = name  # JSON records the name; a callable's is "callable:module.qualname"
     return o, fn, formula
@@ -1015,7 +1083,13 @@ def analyze(run, **options) -> Analysis:
         tensors[f"presence_group.c{c}.g{g}"] = pres.float()
 
     uncertainty = []
-    for a, b in most_confused_pairs(hard[-1], soft[-1], sizes, o["n_pairs"]):
+    chosen = most_confused_pairs(hard[-1], soft[-1], sizes, o["n_pairs"])
+    for a, b in o["pairs"] or []:
+        if not (0 <= a < m and 0 <= b < m):
+            raise ValueError(f"pairs: ({a}, {b}) is not a pair of the run's {m} classes")
+        if (a, b) not in chosen:
+            chosen.append((a, b))
+    for a, b in chosen:
         if o["uncertainty_regression"] == "pair":
             beta = ridge_sequence(dP, dY, lam, (labels == a) | (labels == b)).float()
             tensors[f"beta_pair.a{a}.b{b}"] = beta
@@ -1034,6 +1108,11 @@ def analyze(run, **options) -> Analysis:
                         f"{key}.eligible": res["eligible"], f"{key}.flagged": res["flagged"]})
         flagged = sorted(res["flagged"].nonzero().flatten().tolist(), key=lambda i: (-float(res["score"][i]), i))
         eligible = res["eligible"]
+        pair_pres = _pair_presence(cls_presence, sizes, a, b)
+        dec = pair_decisive(d, pair_pres, o["decisive_presence"], o["decisive_fraction"])
+        tensors.update({f"{key}.decisive_score": dec["score"], f"{key}.decisive_flagged": dec["flagged"]})
+        decisive = sorted(dec["flagged"].nonzero().flatten().tolist(), key=lambda i: (-float(dec["score"][i]), i))
+        pa, pb = cls_presence[a], cls_presence[b]
         uncertainty.append({
             "pair": [a, b],
             "names": [names[a], names[b]],
@@ -1046,7 +1125,19 @@ def analyze(run, **options) -> Analysis:
             "n_eligible": int(eligible.sum()),
             "max_score": float(res["score"][eligible].max()) if bool(eligible.any()) else 0.0,
             "flagged": [{"prototype": i, "score": float(res["score"][i]), "presence": float(pres[i]),
+                         "presence_a": float(pa[i]), "presence_b": float(pb[i]),
+                         "reason": (f"ambivalent: pushed towards both {names[a]} and {names[b]} over training "
+                                    f"(swing {float(res['score'][i]):.3g}); in {float(pa[i]):.0%} of {names[a]} and "
+                                    f"{float(pb[i]):.0%} of {names[b]}"),
                          "d": [float(v) for v in d[:, i]]} for i in flagged],
+            "decisive_formula": "D_k = |mean_t d_k^t|, eligible when present in >= decisive_presence of the pair's samples",
+            "decisive": [{"prototype": i, "score": float(dec["score"][i]),
+                          "towards": a if int(dec["direction"][i]) > 0 else b,
+                          "presence": float(pair_pres[i]), "presence_a": float(pa[i]), "presence_b": float(pb[i]),
+                          "reason": (f"decisive: pushed towards {names[a] if int(dec['direction'][i]) > 0 else names[b]} "
+                                     f"all along (|mean d| {float(dec['score'][i]):.3g}); in {float(pa[i]):.0%} of "
+                                     f"{names[a]} and {float(pb[i]):.0%} of {names[b]}"),
+                          "d": [float(v) for v in d[:, i]]} for i in decisive],
         })
 
     data = {

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "MODEL_NAMES", "SmallResNet", "build_model", "default_layer"]
+__all__ = ["BasicBlock", "MODEL_NAMES", "SmallResNet", "build_model", "default_layer", "rebuild_model"]
 
 MODEL_NAMES = ("small-resnet", "resnet50")
 DEFAULT_WIDTHS = (16, 32, 64)
@@ -175,8 +175,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 1, **options) ->
         raise TypeError(f"options: {name!r} takes {list(allowed)}, got unknown {unknown}")
     if name == "small-resnet":
         model = SmallResNet(num_classes=num_classes, in_channels=in_channels, **options)
-        return model, model.last_layer
-    return _resnet50(num_classes, in_channels, **options), "layer4"
+        layer = model.last_layer
+    else:
+        model, layer = _resnet50(num_classes, in_channels, **options), "layer4"
+    # How to rebuild it (a run records this, so `i2x curate` / `i2x experiment` can load weights).
+    model.i2x_spec = {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
+                      "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    return model, layer
 
 
 def default_layer(name: str, **options) -> str:
@@ -206,3 +211,14 @@ def _check_positive_int(value, arg: str) -> None:
         raise TypeError(f"{arg}: expected a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{arg}: expected a positive int, got {value}")
+
+
+def rebuild_model(spec: dict) -> tuple[nn.Module, str]:
+    """The model a run's manifest describes (``model["build"]``, recorded when :func:`build_model`
+    made it), freshly initialised: load the run's weights into it."""
+    if not isinstance(spec, dict) or "name" not in spec or "num_classes" not in spec:
+        raise ValueError(f"model spec: expected {{'name', 'num_classes', 'in_channels', 'options'}}, got {spec!r}")
+    options = dict(spec.get("options") or {})
+    if "widths" in options:
+        options["widths"] = tuple(options["widths"])
+    return build_model(spec["name"], int(spec["num_classes"]), int(spec.get("in_channels", 1)), **options)

@@ -325,6 +325,20 @@ class RunStore:
         _atomic_save_tensors(self.path / f"{name}.safetensors", tensors)
         self._record_stage(name, record)
 
+    def write_weights(self, state_dict: Mapping[str, torch.Tensor], step: int | None = None) -> None:
+        """Keep the final model's weights in the run (``weights.safetensors``, atomic)."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise ValueError("write_weights: the state dict holds no tensors")
+        self.write_tensors("weights", tensors, record={"step": step, "n_tensors": len(tensors)})
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        """The weights kept by :meth:`write_weights` (FileNotFoundError when the run keeps none)."""
+        if not (self.path / "weights.safetensors").exists():
+            raise FileNotFoundError(f"run {self.path} keeps no final weights (weights.safetensors): pass the weights "
+                                    "file, or finish the tracker with save_weights=True")
+        return self.read_tensors("weights")
+
     def read_tensors(self, name: str, required: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         name = _check_name(name)
         return self._load(self.path / f"{name}.safetensors", tuple(required))

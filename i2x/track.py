@@ -412,6 +412,9 @@ class Tracker:
         self.rank, self.world = _dist_context()
         self.run_dir = Path(run_dir)
         model_info = {"name": model_name or type(self.module).__name__, "layer": layer_name, "method": method}
+        spec = getattr(self.module, "i2x_spec", None)  # set by i2x.build_model: how to rebuild it
+        if isinstance(spec, dict):
+            model_info["build"] = dict(spec)
         if recalibrate_bn is not None and (isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int)
                                            or recalibrate_bn < 0):
             raise ValueError(f"recalibrate_bn: expected None or a non-negative int, got {recalibrate_bn!r}")
@@ -477,14 +480,18 @@ class Tracker:
         self.record(step)
         return True
 
-    def finish(self, step: int | None = None, prototypes: bool | Mapping = True):
+    def finish(self, step: int | None = None, prototypes: bool | Mapping = True, save_weights: bool = False):
         """Record the final model at ``step`` (default: the last step seen) and, unless
         ``prototypes=False``, discover the prototypes from it (a dict passes options to
-        :func:`i2x.prototypes.fit_prototypes`). Returns the :class:`RunStore` (None off rank 0)."""
+        :func:`i2x.prototypes.fit_prototypes`). ``save_weights``: keep the final weights in the run
+        (``weights.safetensors``), for ``i2x curate`` / ``i2x experiment`` later. Returns the
+        :class:`RunStore` (None off rank 0)."""
         step = self.last_step if step is None else int(step)
         if step is None:
             raise ValueError("finish: no step seen yet; pass the final step explicitly")
         self.record(step, final=True)
+        if save_weights and self.rank == 0:
+            self.store.write_weights(self.module.state_dict(), step)
         if prototypes is not False:
             options = dict(prototypes) if isinstance(prototypes, Mapping) else {}
             self.fit_prototypes(**options)
