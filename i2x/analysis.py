@@ -96,7 +96,7 @@ DEFAULTS: dict = {
     "decisive_fraction": 0.5,
 }
 
-#: How "present in a real share of the pair's samples" (METHOD.md stage 8) is read:
+#: How "present in a real share of the pair's samples" (the method, stage 8) is read:
 #: "both_classes": present in >= min_presence of class a's samples AND of class b's (a prototype
 #: one class never shows cannot be what the two are confused over); "pair_share": present in
 #: >= min_presence of the pair's samples taken together.

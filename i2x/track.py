@@ -210,7 +210,7 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
 
     During training the running statistics trail the weights (an exponential average over recent
     batches), so eval-mode outputs jitter from one checkpoint to the next for reasons unrelated to
-    what the model learned (METHOD.md: test accuracy moved 89.2-91.0% within one epoch from this
+    what the model learned (a replication here: test accuracy moved 89.2-91.0% within one epoch from this
     alone). Recomputing them on the same images at every checkpoint removes that noise from the
     records. The model's own statistics, momenta and modes are restored afterwards.
     """

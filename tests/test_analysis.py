@@ -495,6 +495,59 @@ def test_planted_uncertainty_follows_the_stored_sequences(planted):
             flagged.nonzero().flatten().tolist(), key=lambda k: -float(expected[k]))
 
 
+def test_decisive_reading_on_hand_made_sequences():
+    # Prototype 0 pushes towards a all along (a shortcut): no swing, the largest |mean d|.
+    # Prototype 1 swings both ways and cancels out; prototype 2 pushes towards b a little;
+    # prototype 3 would be the most decisive but is present in too few of the pair's samples.
+    d = torch.tensor([[0.4, 0.5, -0.1, 2.0], [0.6, -0.5, -0.1, 2.0], [0.5, 0.5, -0.1, 2.0]])
+    presence = torch.tensor([0.45, 0.9, 0.8, 0.01])
+    res = an.pair_decisive(d, presence, min_presence=0.05, flag_fraction=0.5)
+    torch.testing.assert_close(res["score"], torch.tensor([0.5, 0.5 / 3, 0.1, 2.0], dtype=torch.float64))
+    assert res["direction"].tolist() == [1, 1, -1, 1]
+    assert res["eligible"].tolist() == [True, True, True, False]
+    assert res["flagged"].tolist() == [True, False, False, False]  # 0.5 * 0.5 = 0.25 > 1/6 and 0.1
+    assert an.score_swing(d[:, 0]) == 0.0  # what the ambivalent reading sees of it: nothing
+    with pytest.raises(ValueError, match=r"pair_presence: expected \[4\]"):
+        an.pair_decisive(d, presence[:3])
+
+
+def test_planted_decisive_entries_follow_the_stored_sequences(planted):
+    _, _, result = planted
+    for e in result.data["uncertainty"]:
+        a, b = e["pair"]
+        key = f"uncertainty.a{a}.b{b}"
+        d = result.tensors[f"{key}.d"].double()
+        expected = d.mean(0).abs()
+        torch.testing.assert_close(result.tensors[f"{key}.decisive_score"], expected)
+        pc = result.tensors["presence_class"].double()
+        n = torch.tensor(result.data["class_sizes"], dtype=torch.float64)
+        pair_share = (n[a] * pc[a] + n[b] * pc[b]) / (n[a] + n[b])
+        eligible = pair_share >= an.DEFAULTS["decisive_presence"]
+        top = expected[eligible].max()
+        flagged = eligible & (expected > 0) & (expected >= an.DEFAULTS["decisive_fraction"] * top)
+        assert result.tensors[f"{key}.decisive_flagged"].tolist() == flagged.tolist()
+        assert [p["prototype"] for p in e["decisive"]] == sorted(flagged.nonzero().flatten().tolist(),
+                                                                 key=lambda k: -float(expected[k]))
+        for p in e["decisive"]:
+            towards = a if float(d[:, p["prototype"]].sum()) >= 0 else b
+            assert p["towards"] == towards and p["reason"].startswith("decisive: pushed towards")
+        listed = result.flagged_prototypes(a, b)
+        assert [p["prototype"] for p in listed[:len(e["flagged"])]] == [p["prototype"] for p in e["flagged"]]
+        assert len({p["prototype"] for p in listed}) == len(listed)
+
+
+def test_explicit_pairs_are_analysed_beside_the_most_confused(tmp_path):
+    arr = _planted_arrays(seed=2)
+    store = _make_store(tmp_path / "run", arr["probs"], arr["saliency"], arr["labels"], arr["assignment"])
+    result = an.analyze(store, n_pairs=1, pairs=[[2, 0]])
+    assert [e["pair"] for e in result.data["uncertainty"]] == [[1, 2], [0, 2]]
+    assert result.options["pairs"] == [[0, 2]]
+    with pytest.raises(ValueError, match="pairs: a pair needs two different classes"):
+        an.analyze(store, pairs=[[1, 1]])
+    with pytest.raises(ValueError, match=r"pairs: \(0, 7\) is not a pair of the run's 3 classes"):
+        an.analyze(store, pairs=[[0, 7]])
+
+
 # ----------------------------------------------------------------------------------------------
 # 9. analyze / load_analysis: files, atomic rewrites, errors
 
