@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 from . import ops
 from ._util import describe as _describe, eval_mode
-from .cam import Explainer, _strip_wrapper, model_device
+from .cam import Explainer, _at_least_float32, _strip_wrapper, model_device
 from .data import stratified_subset
 from .store import RunStore, RunStoreError
 
@@ -91,8 +91,8 @@ def batch_of(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """``(images [B, C, H, W], labels [B])`` of ``dataset`` at ``indices``: one indexing operation
     for an ``i2x.data.ImageDataset`` or one of this module's wrappers, item by item otherwise."""
     indices = torch.as_tensor(indices, dtype=torch.int64)
-    getter = getattr(dataset, "__getitems__", None)
-    if getter is not None and getattr(dataset, "_i2x_batched", False):
+    getter = getattr(dataset, "i2x_batch", None)
+    if getter is not None:
         return getter(indices)
     from .data import ImageDataset
 
@@ -405,7 +405,7 @@ def known_targets(train_dataset, pair: tuple[int, int], indices, pixel_masks_: t
     indices ``[T]``: dataset positions of the samples that carry the region; pixel_masks_
     ``[T, H, W]`` bool: the region in each. The strategies then act on exactly these pixels.
     """
-    a, b = (int(v) for v in pair)
+    a, b = sorted(int(v) for v in pair)
     labels = _labels_of(train_dataset)
     rows = ((labels == a) | (labels == b)).nonzero().flatten()
     indices = torch.as_tensor(indices, dtype=torch.int64)
@@ -560,7 +560,7 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
         threshold = None
     else:
         scores, share, used, stats = weighted[:, -1], shares[:, -1], ids, None
-        selected, threshold = _select(scores, o["threshold"], o["max_fraction"])
+        selected, threshold = _select(scores, o["threshold"])
     if not bool(selected.any()):
         _nothing(store, save, a, b, "no sample's target score clears the rule's threshold")
     selected, threshold = _cap(selected, scores, o["max_fraction"], threshold)
@@ -697,10 +697,21 @@ def _select_separable(shares: torch.Tensor, ids: torch.Tensor, o: dict):
         picks.append(sel)
         stats[k] = {"separability": sep, "threshold": thr, "selects": int(sel.sum()),
                     "separable": sep >= o["min_separability"]}
-    kept = [j for j, k in enumerate(ids.tolist()) if stats[k]["separable"]]
-    if not kept:
-        kept = [max(range(len(seps)), key=lambda j: (seps[j], -j))]
-    selected = torch.stack([picks[j] for j in kept]).any(0)
+    order = sorted((j for j, k in enumerate(ids.tolist()) if stats[k]["separable"]), key=lambda j: (-seps[j], j))
+    if not order:
+        order = [max(range(len(seps)), key=lambda j: (seps[j], -j))]
+    # Most separable first; a prototype whose group would push the targets past max_fraction of
+    # the pair is left out (two prototypes that split the pair into complementary halves, e.g. a
+    # mark and the plain corner where it is missing, would otherwise leave the choice to the cap).
+    cap = int(math.floor(o["max_fraction"] * shares.shape[0]))
+    kept, selected = [], torch.zeros(shares.shape[0], dtype=torch.bool)
+    for j in order:
+        union = selected | picks[j]
+        if kept and int(union.sum()) > cap:
+            stats[int(ids[j])]["left_out"] = "its targets would exceed max_fraction of the pair"
+            continue
+        kept.append(j)
+        selected = union
     scores = shares[:, kept].max(1).values
     return torch.tensor(kept, dtype=torch.int64), selected, scores, stats
 
@@ -759,23 +770,29 @@ def load_targets(run) -> Targets:
 # The data objects
 
 
-class _BatchedSubset(Subset):
-    """A ``Subset`` that also answers a batch of positions in one indexing operation."""
-
-    _i2x_batched = True
-
-    def __init__(self, dataset, indices: torch.Tensor):
-        super().__init__(dataset, indices)
-        self.index_tensor = torch.as_tensor(indices, dtype=torch.int64)
+class _Batched:
+    """``i2x_batch(positions) -> (images [B, ...], labels [B])`` is the one-operation batch read
+    (``batch_of`` uses it); ``__getitems__`` serves torch's ``DataLoader`` the same rows as a
+    list of samples, which its collate stacks."""
 
     def __getitems__(self, positions):
+        x, y = self.i2x_batch(torch.as_tensor(positions, dtype=torch.int64))
+        return list(zip(x, y))
+
+
+class _BatchedSubset(_Batched, Subset):
+    """A ``Subset`` that also reads a batch of positions in one indexing operation."""
+
+    def __init__(self, dataset, indices: torch.Tensor):
+        self.index_tensor = torch.as_tensor(indices, dtype=torch.int64)
+        super().__init__(dataset, self.index_tensor.tolist())
+
+    def i2x_batch(self, positions):
         return batch_of(self.dataset, self.index_tensor[torch.as_tensor(positions, dtype=torch.int64)])
 
 
-class _ReplacedImages(Dataset):
+class _ReplacedImages(_Batched, Dataset):
     """A dataset with the images at some positions replaced by precomputed ones."""
-
-    _i2x_batched = True
 
     def __init__(self, dataset, indices: torch.Tensor, images: torch.Tensor):
         self.dataset = dataset
@@ -792,7 +809,7 @@ class _ReplacedImages(Dataset):
         j = int(self.replaced[i])
         return (self.images[j] if j >= 0 else image), label
 
-    def __getitems__(self, positions):
+    def i2x_batch(self, positions):
         positions = torch.as_tensor(positions, dtype=torch.int64)
         x, y = batch_of(self.dataset, positions)
         j = self.replaced[positions]
@@ -989,6 +1006,9 @@ class ExplanationPenalty(nn.Module):
         grad = torch.autograd.grad(scores, act, create_graph=True)[0]
         a = self.explainer._to_grid(act, self.explainer.layer_names[0])[hit_d]
         g = self.explainer._to_grid(grad, self.explainer.layer_names[0])[hit_d]
-        cam = ops.cam(a.float(), g.float(), self.explainer.method, relu=True)
+        cam = ops.cam(_at_least_float32(a), _at_least_float32(g), self.explainer.method, relu=True)
         mask = self.masks[rows[hit]].to(device)
+        if tuple(mask.shape[1:]) != tuple(cam.shape[1:]):
+            raise ValueError(f"ExplanationPenalty: the targets' cells are {tuple(mask.shape[1:])} but the layer's grid is "
+                             f"{tuple(cam.shape[1:])}: the explainer's layer is not the one the targets were found at")
         return self.weight * mass_share(cam, mask).mean()

@@ -191,6 +191,8 @@ class ImageDataset(Dataset):
         return self.labels.shape[0]
 
     def __getitem__(self, index):
+        if isinstance(index, (torch.Tensor, np.ndarray)) and index.ndim == 0:
+            index = operator.index(index.item())  # one position (torch's Subset hands those over)
         if isinstance(index, (torch.Tensor, np.ndarray, Sequence)) and not isinstance(index, str):
             idx = _as_index_tensor(index, len(self), "index")
             return self.images[idx], self.labels[idx]

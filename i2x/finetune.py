@@ -224,7 +224,7 @@ def fit(
                 logits = logits.float()
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {float(loss)} at step {step + 1}: lower the "
+                    raise FloatingPointError(f"the training loss became {float(loss.detach())} at step {step + 1}: lower the "
                                              "learning rate or check the data for NaN")
                 total_loss = loss
                 if penalty is not None:

@@ -1,0 +1,288 @@
+"""Stage 9, second half (i2x.experiment) against independent truths.
+
+Truths: scipy's t quantile for the paired intervals; every cell of a tiny experiment recomputed
+here with the public pieces (``finetune`` from a copy of the start weights, the strategies'
+orders from ``epoch_permutation`` / ``Targets``, ``evaluate``), which also proves that every arm
+of a seed starts from the same weights; a second, uninterrupted run in another folder for the
+resume checks; and the summary recomputed from the cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+import i2x
+from i2x.curate import epoch_permutation
+from i2x.experiment import _fingerprint_state, load_results, paired_interval, results_markdown, summarize
+from i2x.finetune import calibration_images
+from i2x.store import RunStore
+
+from _loop import hand_targets, image_dataset, snapshot, state_equal, tiny_net
+
+ARMS = ["full", "full->full", "curated->full", "random->full", "hard->full"]
+SEEDS = 2
+SETTINGS = dict(epochs_per_stage=1, lr=0.02, batch_size=64, precision="fp32")
+PAIR = (0, 2)  # the pair the tiny model confuses (class 2, a faint checkerboard, is taken for 0 or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_paired_interval_against_scipy():
+    values = [1.0, -0.5, 2.0, 0.25]
+    got = paired_interval(values)
+    mean = float(np.mean(values))
+    sd = float(np.std(values, ddof=1))
+    half = float(sps.t.ppf(0.975, len(values) - 1)) * sd / math.sqrt(len(values))
+    assert got["n"] == 4
+    assert got["mean"] == pytest.approx(mean, rel=1e-12)
+    assert got["std"] == pytest.approx(sd, rel=1e-12)
+    assert got["lo"] == pytest.approx(mean - half, rel=1e-12)
+    assert got["hi"] == pytest.approx(mean + half, rel=1e-12)
+    assert got["excludes_zero"] is False  # [-0.85, 2.22]
+    below = paired_interval([-1.0, -1.2, -0.9])
+    t = float(sps.t.ppf(0.975, 2))
+    assert below["hi"] == pytest.approx(-31 / 30 + t * float(np.std([-1.0, -1.2, -0.9], ddof=1)) / math.sqrt(3))
+    assert below["hi"] < 0 and below["excludes_zero"] is True
+    assert paired_interval([2, 2, 2]) == {"mean": 2.0, "std": 0.0, "lo": 2.0, "hi": 2.0, "n": 3, "excludes_zero": True}
+
+
+def test_paired_interval_one_and_no_values():
+    assert paired_interval([0.5]) == {"mean": 0.5, "std": None, "lo": None, "hi": None, "n": 1, "excludes_zero": False}
+    with pytest.raises(ValueError, match="no values"):
+        paired_interval([])
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny experiment: 3 classes of faint 8 x 8 patterns, 240 training and 90 test images, a
+# 300-parameter net, targets by hand (8 + 8 of the pair (0, 2)), 5 arms x 2 seeds, one epoch per stage.
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train = image_dataset(240, 3, seed=0, signal=0.3)
+    test = image_dataset(90, 3, seed=1, signal=0.3, split="test")
+    model = tiny_net(seed=0)
+    i2x.finetune(model, train, epochs=4, lr=0.05, batch_size=32, precision="fp32")  # the "final model"
+    targets = hand_targets(train, pair=PAIR, seed=0, n_targets=(8, 8))
+    return {"train": train, "test": test, "model": model, "targets": targets}
+
+
+def _new_run(path, train) -> RunStore:
+    return RunStore.create(path, model={"name": "TinyNet", "layer": "layer", "method": "gradcam"},
+                           dataset={"name": "custom"}, classes=train.classes, probe_indices=torch.arange(30),
+                           probe_labels=train.labels[:30])
+
+
+def _run(setup, run_dir, log=None, targets=None, **overrides):
+    return i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=ARMS, seeds=SEEDS,
+                          targets=setup["targets"] if targets is None else targets, log=log,
+                          **{**SETTINGS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The uninterrupted experiment, and what was logged."""
+    run_dir = tmp_path_factory.mktemp("experiment") / "run"
+    _new_run(run_dir, setup["train"])
+    before = snapshot(setup["model"])
+    lines = []
+    results = _run(setup, run_dir, log=lines.append)
+    assert state_equal(snapshot(setup["model"]), before), "experiment changed the model it was given"
+    return {"dir": run_dir, "results": results, "lines": lines}
+
+
+def _cells(results) -> dict:
+    """Every cell's numbers, without the timings."""
+    return {(arm, seed): {k: v for k, v in cell.items() if k not in ("seconds", "fit")}
+            for arm, entry in results["arms"].items() for seed, cell in entry["seeds"].items()}
+
+
+def _logged_cells(lines) -> list[tuple[str, str]]:
+    out = []
+    for line in lines:
+        m = re.match(r"(\S+) seed (\d+):", line)
+        assert m, line
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def test_results_have_the_documented_layout(setup, reference):
+    results = reference["results"]
+    assert {"pair", "arms", "summary", "config", "start"} <= set(results)
+    assert results["pair"] == list(PAIR) and results["schema"] == "i2x-experiment"
+    a, b = PAIR
+    assert list(results["arms"]) == ARMS
+    on_disk = load_results(reference["dir"])
+    assert on_disk == json.loads(json.dumps(results))
+    assert (reference["dir"] / "experiment" / "results.md").read_text() == results_markdown(on_disk)
+    for arm, entry in results["arms"].items():
+        assert entry["stages"] == arm.split("->")
+        assert sorted(entry["seeds"]) == ["0", "1"]
+        for seed, cell in entry["seeds"].items():
+            assert {"accuracy", "pair_confusions", "a_as_b", "b_as_a", "per_class", "confusion"} <= set(cell)
+            conf = cell["confusion"]
+            assert cell["a_as_b"] == conf[a][b] and cell["b_as_a"] == conf[b][a]
+            assert cell["pair_confusions"] == conf[a][b] + conf[b][a]
+            assert sum(map(sum, conf)) == len(setup["test"])
+            assert cell["accuracy"] == pytest.approx(sum(conf[c][c] for c in range(3)) / len(setup["test"]))
+    assert reference["results"]["config"]["seeds"] == [0, 1]
+    assert sorted(_logged_cells(reference["lines"])) == sorted((a, str(s)) for a in ARMS for s in range(SEEDS))
+
+
+def test_the_summary_is_the_cells_statistics(reference):
+    results = reference["results"]
+    arms = results["arms"]
+    summary = copy.deepcopy(results["summary"])
+    assert summarize(copy.deepcopy(results)) == summary
+    for arm in ARMS:
+        acc = [arms[arm]["seeds"][s]["accuracy"] for s in ("0", "1")]
+        pc = [arms[arm]["seeds"][s]["pair_confusions"] for s in ("0", "1")]
+        assert summary[arm]["accuracy_mean"] == pytest.approx(statistics.fmean(acc))
+        assert summary[arm]["pair_confusions_mean"] == pytest.approx(statistics.fmean(pc))
+        assert summary[arm]["pair_confusions_std"] == pytest.approx(statistics.stdev(pc))
+    assert summary["full"]["comparisons"] == {}  # one stage: no one-stage reference was run
+    assert summary["full->full"]["baseline_choice"] == "hard->full"
+    for arm in ("curated->full", "random->full", "hard->full"):
+        refs = {"full->full", "random->full", "hard->full"} - {arm}
+        assert set(summary[arm]["comparisons"]) == refs
+    comp = summary["curated->full"]["comparisons"]["full->full"]
+    d = [arms["curated->full"]["seeds"][s]["pair_confusions"] - arms["full->full"]["seeds"][s]["pair_confusions"]
+         for s in ("0", "1")]
+    assert comp["pair_confusions"] == paired_interval(d)
+    ref_mean = statistics.fmean(arms["full->full"]["seeds"][s]["pair_confusions"] for s in ("0", "1"))
+    assert comp["relative_pair_confusions"] == (pytest.approx(statistics.fmean(d) / ref_mean) if ref_mean else None)
+    da = [100 * (arms["curated->full"]["seeds"][s]["accuracy"] - arms["full->full"]["seeds"][s]["accuracy"])
+          for s in ("0", "1")]
+    assert comp["accuracy_points"]["mean"] == pytest.approx(statistics.fmean(da))
+
+
+def test_every_cell_recomputed_from_the_start_weights(setup, reference):
+    """Each arm of each seed, rebuilt here from a copy of the start weights with the strategies'
+    public data objects and epoch_permutation's orders, gives the recorded numbers exactly: every
+    arm of a seed started from the same weights and saw the orders the docs promise."""
+    results = reference["results"]
+    train, test, targets = setup["train"], setup["test"], setup["targets"]
+    assert results["config"]["start_weights"] == _fingerprint_state(setup["model"].state_dict())
+    n = len(train)
+    calibration = calibration_images(train)
+    common = dict(epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], precision="fp32")
+
+    def kept_order(keep: torch.Tensor, epoch: int) -> torch.Tensor:
+        perm = epoch_permutation(n, seed, epoch)
+        return perm[keep[perm]]
+
+    for seed in range(SEEDS):
+        keep_curated = torch.ones(n, dtype=torch.bool)
+        keep_curated[targets.target_indices] = False
+        keep_random = torch.zeros(n, dtype=torch.bool)
+        keep_random[torch.as_tensor(targets.random_subset(train, seed=seed).indices)] = True
+        first = {
+            "full": dict(order=lambda e: epoch_permutation(n, seed, e)),
+            "curated": dict(order=lambda e: kept_order(keep_curated, e)),
+            "random": dict(order=lambda e: kept_order(keep_random, e)),
+            "hard": dict(sampler=targets.hard_sampler(train, seed=seed)),
+        }
+        for arm in ARMS:
+            model = copy.deepcopy(setup["model"])
+            stages = arm.split("->")
+            i2x.finetune(model, train, seed=seed, **common, **first[stages[0]])
+            if len(stages) == 2:  # the second stage's epoch is 1: the order continues
+                i2x.finetune(model, train, seed=seed, order=lambda e: epoch_permutation(n, seed, e + 1), **common)
+            ev = i2x.evaluate(model, test, calibration, num_classes=3)
+            cell = results["arms"][arm]["seeds"][str(seed)]
+            assert ev["confusion"] == cell["confusion"], (arm, seed)
+            assert ev["accuracy"] == cell["accuracy"], (arm, seed)
+    # The arms and seeds are not all the same (the check would be vacuous if fine-tuning did nothing).
+    assert len({json.dumps(c["confusion"]) for e in results["arms"].values() for c in e["seeds"].values()}) > 3
+    assert len({c["pair_confusions"] for e in results["arms"].values() for c in e["seeds"].values()}) > 1
+
+
+def test_running_it_again_gives_the_same_table(setup, reference, tmp_path):
+    other = tmp_path / "run"
+    _new_run(other, setup["train"])
+    again = _run(setup, other)
+    assert _cells(again) == _cells(reference["results"])
+    assert again["summary"] == reference["results"]["summary"]
+    assert (other / "experiment" / "results.md").read_text() == \
+        (reference["dir"] / "experiment" / "results.md").read_text()
+    # On a finished folder, nothing is recomputed.
+    lines = []
+    same = _run(setup, other, log=lines.append)
+    assert lines == []
+    assert _cells(same) == _cells(again)
+
+
+def test_an_interrupted_experiment_resumes_to_the_same_table(setup, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, setup["train"])
+    first = []
+
+    def stop_after_three(line):
+        first.append(line)
+        if len(first) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, run_dir, log=stop_after_three)
+    done = _logged_cells(first)
+    on_disk = load_results(run_dir)
+    assert sorted((a, s) for (a, s) in _cells(on_disk)) == sorted(done)  # the 3 finished cells were saved
+    second = []
+    resumed = _run(setup, run_dir, log=second.append)
+    redone = _logged_cells(second)
+    assert len(redone) == len(ARMS) * SEEDS - 3
+    assert not set(redone) & set(done), f"finished cells were recomputed: {set(redone) & set(done)}"
+    assert _cells(resumed) == _cells(reference["results"])
+    assert resumed["summary"] == reference["results"]["summary"]
+    assert (run_dir / "experiment" / "results.md").read_text() == \
+        (reference["dir"] / "experiment" / "results.md").read_text()
+
+
+def test_another_config_on_the_same_folder_is_refused(setup, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    before = (run_dir / "experiment" / "results.json").read_text()
+    with pytest.raises(ValueError, match=r"\(lr differ\)"):
+        _run(setup, run_dir, lr=0.03)
+    with pytest.raises(ValueError, match=r"\(batch_size, epochs_per_stage differ\)"):
+        _run(setup, run_dir, epochs_per_stage=2, batch_size=32)
+    with pytest.raises(ValueError, match=r"\(targets differ\)"):
+        _run(setup, run_dir, targets=hand_targets(setup["train"], pair=PAIR, seed=1, n_targets=(8, 8)))
+    other = copy.deepcopy(setup["model"])
+    with torch.no_grad():
+        other.fc.bias.add_(1e-3)
+    with pytest.raises(ValueError, match=r"\(start_weights differ\)"):
+        i2x.experiment(run_dir, other, setup["train"], setup["test"], arms=ARMS, seeds=SEEDS,
+                       targets=setup["targets"], **SETTINGS)
+    assert (run_dir / "experiment" / "results.json").read_text() == before  # nothing was written
+    # Another name is another experiment: allowed.
+    lines = []
+    res = i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["full"], seeds=1,
+                         targets=setup["targets"], name="lr03", log=lines.append, **{**SETTINGS, "lr": 0.03})
+    assert len(lines) == 1 and res["config"]["lr"] == 0.03
+
+
+def test_bad_arms_and_seeds(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, setup["train"])
+    common = dict(targets=setup["targets"], **SETTINGS)
+    with pytest.raises(ValueError, match="arm 'curated->nothing'"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["curated->nothing"], **common)
+    with pytest.raises(ValueError, match="seeds"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["full"], seeds=[1, 1], **common)
+    with pytest.raises(ValueError, match="oracle"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["oracle->full"], **common)
+    with pytest.raises(ValueError, match="clean"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["clean"], **common)
