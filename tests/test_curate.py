@@ -834,3 +834,41 @@ def test_on_the_planted_shortcut_the_best_explanation_arm_beats_random(tmp_path)
 
 
 FAINT, EPOCHS, LR = 0.6, 2, 0.02
+
+
+def test_find_targets_refuses_a_model_or_dataset_that_does_not_match_the_run(shortcut_run):
+    run_dir, model, train = shortcut_run["dir"], shortcut_run["model"], shortcut_run["train"]
+    wider, _ = i2x.build_model("small-resnet", num_classes=4, widths=(8, 16, 24))
+    with pytest.raises(ValueError, match="layer has 24 channels but the run's prototypes were fitted on 32"):
+        i2x.find_targets(run_dir, wider, train, pairs=[(0, 1)], save=False)
+    small = ImageDataset(torch.nn.functional.avg_pool2d(train.images, 2), train.labels, train.classes, "custom", "train")
+    with pytest.raises(ValueError, match=r"layer grid is \(2, 2\) but the run's is \(4, 4\)"):
+        i2x.find_targets(run_dir, model, small, pairs=[(0, 1)], save=False)
+    shuffled = ImageDataset(train.images, train.labels.roll(1), train.classes, "custom", "train")
+    with pytest.raises(ValueError, match="labels at the run's probe positions differ"):
+        i2x.find_targets(run_dir, model, shuffled, pairs=[(0, 1)], save=False)
+    more = ImageDataset(train.images, (train.labels + 4) % 8, [str(c) for c in range(8)], "custom", "train")
+    with pytest.raises(ValueError, match="label 7 but the run has 4 classes"):
+        i2x.find_targets(run_dir, model, more, pairs=[(0, 1)], save=False)
+
+
+def test_nothing_to_curate_is_said_on_disk_and_skips_the_arms_that_need_targets(shortcut_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(shortcut_run["dir"], run_dir)
+    data = json.loads((run_dir / "analysis.json").read_text())
+    for entry in data["uncertainty"]:
+        entry["flagged"], entry["decisive"] = [], []
+    # analysis.json is hash-linked to its tensors, not the other way round: editing the JSON keeps
+    # the pair loadable, so this is a run whose analysis flagged nothing.
+    (run_dir / "analysis.json").write_text(json.dumps(data))
+    model, train = shortcut_run["model"], shortcut_run["train"]
+    with pytest.raises(i2x.NothingToCurate, match=r"nothing to curate for \(0, 1\)"):
+        i2x.find_targets(run_dir, model, train, pairs=[(0, 1)])
+    assert json.loads((run_dir / "targets.json").read_text())["status"] == "nothing_to_curate"
+    assert not (run_dir / "targets.safetensors").exists()
+    with pytest.raises(i2x.NothingToCurate):
+        load_targets(run_dir)
+    results = i2x.experiment(run_dir, model, train, train, arms=["full", "curated->full"], seeds=1, batch_size=64,
+                             precision="fp32")
+    assert results["arms"]["curated->full"]["skipped"].startswith("nothing to curate for (0, 1)")
+    assert results["arms"]["curated->full"]["seeds"] == {} and "0" in results["arms"]["full"]["seeds"]
