@@ -32,10 +32,17 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_tracked(run_dir: Path, train, epochs: int, probe_size: int, n_prototypes: int, seed: int = 0):
+def _build(args, train, **extra):
+    options = {"small_input": True} if args.model == "resnet50" and args.small_input else {}
+    return i2x.build_model(args.model, num_classes=train.num_classes, in_channels=train.image_shape[0],
+                           **options, **extra)
+
+
+def train_tracked(args, run_dir: Path, train, epochs: int, probe_size: int, n_prototypes: int, seed: int = 0):
     """The base model: trained with an online Tracker, prototypes fitted, weights kept in the run."""
     torch.manual_seed(seed)
-    model, layer = i2x.build_model("small-resnet", num_classes=train.num_classes)
+    model, layer = _build(args, train)
+    model.to(args.device)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     if (run_dir / "weights.safetensors").exists():
         model.load_state_dict(i2x.RunStore.open(run_dir).read_weights())
@@ -45,32 +52,44 @@ def train_tracked(run_dir: Path, train, epochs: int, probe_size: int, n_prototyp
     steps = epochs * -(-len(train) // 128)
     tracker = i2x.Tracker(model, layer, probe, run_dir, planned_steps=steps)
     started = time.perf_counter()
-    stats = i2x.train(model, train, epochs, tracker=tracker, seed=seed)
+    stats = i2x.train(model, train, epochs, lr=args.lr, batch_size=args.batch_size, tracker=tracker, seed=seed)
     tracker.finish(stats.steps, prototypes={"n_prototypes": n_prototypes}, save_weights=True)
     _log(f"base model: {epochs} epochs + tracking + prototypes in {time.perf_counter() - started:.0f} s")
     return model, layer, init
 
 
-def train_plain(path: Path, init: dict, train, epochs: int, seed: int = 0, **build):
+def train_plain(args, path: Path, init: dict, train, epochs: int, seed: int = 0, **build):
     """The same recipe without tracking (the clean and the ceiling models), cached in ``path``."""
-    model, _ = i2x.build_model("small-resnet", num_classes=train.num_classes, **build)
+    model, _ = _build(args, train, **build)
     if init is not None:
         model.load_state_dict(init)
+    model.to(args.device)
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model
     started = time.perf_counter()
-    i2x.train(model, train, epochs, seed=seed)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    i2x.train(model, train, epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     _log(f"{path.name}: {epochs} epochs in {time.perf_counter() - started:.0f} s")
     return model
 
 
 def main() -> None:
+    global PAIR  # the pair the helpers below read; --pair sets it
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--publish", type=Path, help="write PUBLISH.json and PUBLISH.md (docs/results/...)")
     p.add_argument("--shortcut", action="store_true")
+    p.add_argument("--data", default="fashion-mnist", help="a dataset name of i2x.load_dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--size", type=int, default=None, help="resize the images (e.g. 224 for ImageNet-style models)")
+    p.add_argument("--pair", type=int, nargs=2, default=list(PAIR), metavar=("A", "B"))
+    p.add_argument("--model", default="small-resnet", choices=list(i2x.models.MODEL_NAMES))
+    p.add_argument("--small-input", action="store_true", help="resnet50: 3x3 stem, no max-pool (layer4 4x4 at 32 px)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--lr", type=float, default=0.05, help="training learning rate (fine-tuning: 0.1x)")
+    p.add_argument("--only-ceiling", action="store_true", help="train and evaluate the ceiling models only")
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-size", type=int, default=0, help="a stratified subset of the training set (0: all)")
     p.add_argument("--test-size", type=int, default=0)
@@ -88,8 +107,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
-    train = i2x.load_dataset("fashion-mnist")
-    test = i2x.load_dataset("fashion-mnist", train=False)
+    PAIR = tuple(sorted(args.pair))
+    train = i2x.load_dataset(args.data, root=args.data_root, size=args.size)
+    test = i2x.load_dataset(args.data, root=args.data_root, train=False, size=args.size)
     if args.train_size:
         train = train.subset(i2x.data.stratified_subset(train.labels, args.train_size, seed=0))
     if args.test_size:
@@ -101,8 +121,13 @@ def main() -> None:
         train = planted.dataset
         test = plant_mark(test, {PAIR[0]: 0.5, PAIR[1]: 0.5}, seed=1).dataset
 
+    if args.only_ceiling:
+        torch.manual_seed(0)
+        init = _build(args, clean_train)[0].state_dict()
+        print(json.dumps(_ceiling(args, init, clean_train, test), indent=1))
+        return
     run_dir = args.out / "run"
-    model, layer, init = train_tracked(run_dir, train, args.epochs, args.probe, args.prototypes)
+    model, layer, init = train_tracked(args, run_dir, train, args.epochs, args.probe, args.prototypes)
     store = i2x.RunStore.open(run_dir)
     if not (run_dir / "analysis.json").exists():
         i2x.analyze(run_dir, pairs=[list(PAIR)])
@@ -141,14 +166,15 @@ def main() -> None:
         keep = torch.isin(planted.indices, rows)
         oracle = known_targets(train, PAIR, planted.indices[keep], planted.masks[keep], tuple(store.grid),
                                train.classes)
-        clean_model = train_plain(args.out / "clean.safetensors", init, clean_train, args.epochs)
+        clean_model = train_plain(args, args.out / "clean.safetensors", init, clean_train, args.epochs)
         clean = ({k: v.clone() for k, v in clean_model.state_dict().items()}, clean_train)
         for arm in ("oracle->full", "clean"):
             if arm not in arms:
                 arms.append(arm)
 
     results = i2x.experiment(run_dir, model, train, test, arms=arms, seeds=args.seeds, targets=targets,
-                             oracle=oracle, clean=clean, log=_log)
+                             oracle=oracle, clean=clean, train_lr=args.lr, batch_size=args.batch_size,
+                             device=args.device, log=_log)
     if args.ceiling:
         extra["ceiling"] = _ceiling(args, init, clean_train, test)
     extra["seconds_total"] = time.perf_counter() - began
@@ -178,12 +204,14 @@ def _ceiling(args, init, train, test) -> dict:
 
     calib = calibration_images(train)
     out = {}
-    for name, epochs, build in (("4x longer", 4 * args.epochs, {}),
-                                ("2x wider", args.epochs, {"widths": (32, 64, 128)})):
+    wider = {"widths": (32, 64, 128)} if args.model == "small-resnet" else None
+    for name, epochs, build in (("4x longer", 4 * args.epochs, {}), ("2x wider", args.epochs, wider)):
+        if build is None:
+            continue
         torch.manual_seed(0)
-        model = train_plain(args.out / f"ceiling-{name.replace(' ', '-')}.safetensors",
+        model = train_plain(args, args.out / f"ceiling-{name.replace(' ', '-')}.safetensors",
                             init if not build else None, train, epochs, **build)
-        ev = i2x.evaluate(model, test, calib, num_classes=10)
+        ev = i2x.evaluate(model, test, calib.to(args.device), num_classes=train.num_classes)
         out[name] = {"epochs": epochs, "build": {k: list(v) for k, v in build.items()}, "accuracy": ev["accuracy"],
                      "pair_confusions": ev["confusion"][PAIR[0]][PAIR[1]] + ev["confusion"][PAIR[1]][PAIR[0]]}
         _log(f"ceiling {name}: accuracy {100 * ev['accuracy']:.2f}%, pair confusions {out[name]['pair_confusions']}")
