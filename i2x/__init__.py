@@ -25,8 +25,10 @@ from .store import RunStore, RunStoreError
 from .track import Probe, Tracker, log_schedule, track_checkpoints
 from .prototypes import Prototypes, discover_prototypes, fit_prototypes
 from .analysis import analyze, explain_sample, load_analysis
-from . import curate, finetune as _finetune_module, experiment as _experiment_module
-from .curate import ExplanationPenalty, NothingToCurate, Targets, find_targets, known_targets, load_targets
+from . import curate
+from . import strategies, penalty
+from .curate import NothingToCurate, Targets, find_targets, known_targets, load_targets
+from .penalty import ExplanationPenalty
 from .finetune import evaluate, finetune, train
 from .experiment import experiment, load_results
 
@@ -67,6 +69,8 @@ __all__ = [
     "explain_sample",
     # stage 9: the closed loop
     "curate",
+    "strategies",
+    "penalty",
     "find_targets",
     "known_targets",
     "load_targets",

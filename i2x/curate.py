@@ -16,7 +16,7 @@ The :class:`Targets` it returns hands out the strategies::
     hidden = targets.perturbed(train, "fill")    # perturb:    a Dataset hiding the flagged cells
     moved = targets.transplanted(train)          # transplant: the flagged region pasted into the rival class
     sampler = targets.sampler(train)             # reweight:   a Sampler that shows the targets twice
-    penalty = i2x.ExplanationPenalty(explainer, targets, weight=1.0)   # penalize: a loss term
+    penalty = i2x.ExplanationPenalty(explainer, targets, weight=1.0)   # penalize: a loss term (i2x.penalty)
 
 and the controls without any explanation, built with the same budget: :meth:`Targets.random_subset`
 (drop as many random samples of the pair, class by class), :meth:`Targets.pairup_sampler` and
@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import Subset
 
-from . import ops
 from ._util import describe as _describe, eval_mode
-from .cam import Explainer, _at_least_float32, _strip_wrapper, model_device
-from .data import stratified_subset
+from .cam import Explainer, _strip_wrapper, model_device
+from .data import batch_of, labels_of, stratified_subset
 from .store import RunStore, RunStoreError
+from .strategies import (BatchedSubset, OversampleSampler, PerturbedDataset, TransplantedDataset,
+                         mass_share, pixel_masks, top_share)
 
 __all__ = [
     "TARGET_DEFAULTS",
@@ -50,12 +51,7 @@ __all__ = [
     "known_targets",
     "load_targets",
     "otsu_threshold",
-    "batch_of",
-    "PerturbedDataset",
-    "TransplantedDataset",
-    "OversampleSampler",
-    "epoch_permutation",
-    "ExplanationPenalty",
+    "separability",
 ]
 
 #: The target rule's defaults (docs/curation.md says why each is what it is).
@@ -76,47 +72,10 @@ SCORES = ("mass", "top")
 SELECTS = ("separable", "union")
 CAMS = ("pair", "true")
 WEIGHTS = ("none", "margin", "error")
-PERTURB_MODES = ("fill", "blur", "noise")
 
 
 class NothingToCurate(ValueError):
     """The pair has no flagged prototype, or the rule selects no sample: nothing to target."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched access to a dataset (ours answers dataset[indices] in one indexing operation)
-
-
-def batch_of(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images [B, C, H, W], labels [B])`` of ``dataset`` at ``indices``: one indexing operation
-    for an ``i2x.data.ImageDataset`` or one of this module's wrappers, item by item otherwise."""
-    indices = torch.as_tensor(indices, dtype=torch.int64)
-    getter = getattr(dataset, "i2x_batch", None)
-    if getter is not None:
-        return getter(indices)
-    from .data import ImageDataset
-
-    if isinstance(dataset, ImageDataset):
-        return dataset[indices]
-    images, labels = [], []
-    for i in indices.tolist():
-        item = dataset[i]
-        if not isinstance(item, (tuple, list)) or len(item) < 2 or not isinstance(item[0], torch.Tensor):
-            raise TypeError(f"dataset[{i}]: expected an (image tensor, label) pair, got {_describe(item)}")
-        images.append(item[0])
-        labels.append(int(item[1]))
-    if not images:
-        raise ValueError("batch_of: no indices")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
-def _labels_of(dataset) -> torch.Tensor:
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, torch.Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
-        return labels.long()
-    if isinstance(dataset, Subset):
-        return _labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,31 +115,6 @@ def separability(scores: torch.Tensor, threshold: float) -> float:
     w1 = float(hi.double().mean())
     gap = float(s[hi].mean() - s[~hi].mean())
     return w1 * (1 - w1) * gap * gap / total
-
-
-def mass_share(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, h, w]`` maps and masks -> ``[B]``: the share of each map's mass on the masked cells
-    (0 where a map is all zero)."""
-    total = cam.flatten(1).sum(1)
-    on = (cam * mask).flatten(1).sum(1)
-    return torch.where(total > 0, on / total.clamp(min=torch.finfo(cam.dtype).tiny), torch.zeros_like(total))
-
-
-def top_share(cam: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
-    """``[B]``: the share of each map's top-``q`` positions (at least one) that are masked."""
-    flat = cam.flatten(1)
-    n = max(1, int(math.ceil(q * flat.shape[1])))
-    top = flat.topk(n, dim=1).indices
-    return mask.flatten(1).gather(1, top).float().mean(1)
-
-
-def pixel_masks(cell_masks: torch.Tensor, image_hw: tuple[int, int], dilate: int = 0) -> torch.Tensor:
-    """Cell masks ``[B, h, w]`` upsampled to pixels ``[B, H, W]`` (nearest), grown by ``dilate``
-    pixels on every side (a feature cell sees a little beyond its own pixels)."""
-    m = F.interpolate(cell_masks[:, None].float(), size=tuple(image_hw), mode="nearest")
-    if dilate > 0:
-        m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
-    return m[:, 0] > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +214,7 @@ class Targets:
         if self.indices.numel() and int(self.indices.max()) >= n:
             raise ValueError(f"dataset has {n} samples but the targets refer to index {int(self.indices.max())}; "
                              "pass the training set the targets were found on")
-        labels = _labels_of(dataset)[self.indices]
+        labels = labels_of(dataset)[self.indices]
         if not bool((labels == self.labels).all()):
             bad = int((labels != self.labels).sum())
             raise ValueError(f"dataset: {bad} of the pair's {self.indices.numel()} samples have other labels than "
@@ -294,7 +228,7 @@ class Targets:
         keep = torch.ones(len(dataset), dtype=torch.bool)
         keep[self.target_indices] = False
         self._refuse_emptied_class(dataset, keep)
-        return _BatchedSubset(dataset, keep.nonzero().flatten())
+        return BatchedSubset(dataset, keep.nonzero().flatten())
 
     def random_subset(self, dataset, seed: int = 0) -> Subset:
         """Control for ``exclude``: drop as many random samples of each class of the pair as the
@@ -303,7 +237,7 @@ class Targets:
         drop = self.random_rows(seed)
         keep = torch.ones(len(dataset), dtype=torch.bool)
         keep[self.indices[drop]] = False
-        return _BatchedSubset(dataset, keep.nonzero().flatten())
+        return BatchedSubset(dataset, keep.nonzero().flatten())
 
     def random_rows(self, seed: int = 0) -> torch.Tensor:
         """Rows of random samples, as many per class as there are targets of that class."""
@@ -406,7 +340,7 @@ def known_targets(train_dataset, pair: tuple[int, int], indices, pixel_masks_: t
     ``[T, H, W]`` bool: the region in each. The strategies then act on exactly these pixels.
     """
     a, b = sorted(int(v) for v in pair)
-    labels = _labels_of(train_dataset)
+    labels = labels_of(train_dataset)
     rows = ((labels == a) | (labels == b)).nonzero().flatten()
     indices = torch.as_tensor(indices, dtype=torch.int64)
     if pixel_masks_.dim() != 3 or pixel_masks_.shape[0] != indices.numel():
@@ -521,7 +455,7 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     if int(ids.min()) < 0 or int(ids.max()) >= protos.n_prototypes:
         raise ValueError(f"prototypes: expected ids in [0, {protos.n_prototypes}), got {ids.tolist()}")
 
-    labels = _labels_of(train_dataset)
+    labels = labels_of(train_dataset)
     if int(labels.max()) >= store.num_classes:
         raise ValueError(f"train_dataset has label {int(labels.max())} but the run has {store.num_classes} classes")
     rows = ((labels == a) | (labels == b)).nonzero().flatten()
@@ -766,249 +700,3 @@ def load_targets(run) -> Targets:
                    tuple(data["image_hw"]), list(data["classes"]))
 
 
-# ----------------------------------------------------------------------------------------------
-# The data objects
-
-
-class _Batched:
-    """``i2x_batch(positions) -> (images [B, ...], labels [B])`` is the one-operation batch read
-    (``batch_of`` uses it); ``__getitems__`` serves torch's ``DataLoader`` the same rows as a
-    list of samples, which its collate stacks."""
-
-    def __getitems__(self, positions):
-        x, y = self.i2x_batch(torch.as_tensor(positions, dtype=torch.int64))
-        return list(zip(x, y))
-
-
-class _BatchedSubset(_Batched, Subset):
-    """A ``Subset`` that also reads a batch of positions in one indexing operation."""
-
-    def __init__(self, dataset, indices: torch.Tensor):
-        self.index_tensor = torch.as_tensor(indices, dtype=torch.int64)
-        super().__init__(dataset, self.index_tensor.tolist())
-
-    def i2x_batch(self, positions):
-        return batch_of(self.dataset, self.index_tensor[torch.as_tensor(positions, dtype=torch.int64)])
-
-
-class _ReplacedImages(_Batched, Dataset):
-    """A dataset with the images at some positions replaced by precomputed ones."""
-
-    def __init__(self, dataset, indices: torch.Tensor, images: torch.Tensor):
-        self.dataset = dataset
-        self.replaced = torch.full((len(dataset),), -1, dtype=torch.int64)
-        self.replaced[indices] = torch.arange(indices.numel())
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        i = int(i)
-        image, label = self.dataset[i]
-        j = int(self.replaced[i])
-        return (self.images[j] if j >= 0 else image), label
-
-    def i2x_batch(self, positions):
-        positions = torch.as_tensor(positions, dtype=torch.int64)
-        x, y = batch_of(self.dataset, positions)
-        j = self.replaced[positions]
-        hit = j >= 0
-        if bool(hit.any()):
-            x = x.clone()
-            x[hit] = self.images[j[hit]].to(x.dtype)
-        return x, y
-
-    @property
-    def changed_indices(self) -> torch.Tensor:
-        """Dataset positions whose image differs from the original's."""
-        return (self.replaced >= 0).nonzero().flatten()
-
-
-def _ring_stats(images: torch.Tensor, masks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel, the mean and std of the pixels in a ring of ``width`` px around the
-    mask (the whole unmasked image where the ring is empty)."""
-    m = masks[:, None].float()
-    ring = (F.max_pool2d(m, 2 * width + 1, stride=1, padding=width) - m).clamp(min=0)
-    ring = ring.expand_as(images)
-    empty = ring.flatten(2).sum(2) == 0
-    outside = (1 - m).expand_as(images)
-    ring = torch.where(empty[..., None, None], outside, ring)
-    w = ring.flatten(2).sum(2).clamp(min=1)
-    mean = (images * ring).flatten(2).sum(2) / w
-    var = (((images - mean[..., None, None]) ** 2) * ring).flatten(2).sum(2) / w
-    return mean, var.sqrt()
-
-
-def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype)
-    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = images.shape[1]
-    x = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-class PerturbedDataset(_ReplacedImages):
-    """Every sample of ``dataset``; at ``indices`` the pixels under ``masks [T, H, W]`` replaced.
-
-    ``fill``: the mean of the image's own pixels in a ring around the region, per channel (a
-    dataset-wide per-pixel mean would itself be a pattern: a grey mark where the background is
-    black); ``noise``: that mean plus Gaussian noise of the ring's spread (seeded); ``blur``: a
-    Gaussian blur of the whole image (sigma = a quarter of the image's shorter side) in the region.
-    """
-
-    def __init__(self, dataset, indices: torch.Tensor, masks: torch.Tensor, mode: str = "fill", seed: int = 0):
-        if mode not in PERTURB_MODES:
-            raise ValueError(f"mode: expected one of {list(PERTURB_MODES)}, got {mode!r}")
-        indices = torch.as_tensor(indices, dtype=torch.int64)
-        if masks.shape[0] != indices.numel():
-            raise ValueError(f"masks: expected {indices.numel()} masks, got {masks.shape[0]}")
-        x, _ = batch_of(dataset, indices) if indices.numel() else (torch.zeros(0), None)
-        if indices.numel():
-            if tuple(masks.shape[1:]) != tuple(x.shape[-2:]):
-                raise ValueError(f"masks: expected [T, {x.shape[-2]}, {x.shape[-1]}], got {list(masks.shape)}")
-            m = masks[:, None].expand_as(x)
-            width = max(2, int(math.ceil(max(x.shape[-2:]) / 14)))
-            if mode == "blur":
-                fill = _gaussian_blur(x, max(x.shape[-2:]) / 4)
-            else:
-                mean, std = _ring_stats(x, masks, width)
-                fill = mean[..., None, None].expand_as(x)
-                if mode == "noise":
-                    g = torch.Generator().manual_seed(int(seed))
-                    fill = fill + std[..., None, None] * torch.randn(x.shape, generator=g, dtype=x.dtype)
-            x = torch.where(m, fill, x)
-        super().__init__(dataset, indices, x)
-        self.mode = mode
-        self.masks = masks
-
-
-class TransplantedDataset(_ReplacedImages):
-    """Every sample of ``dataset``; recipient ``recipients[i]`` gets the pixels of
-    ``donors[i]`` under ``masks[i]`` (same place), everything else unchanged."""
-
-    def __init__(self, dataset, donors: torch.Tensor, recipients: torch.Tensor, masks: torch.Tensor):
-        donors = torch.as_tensor(donors, dtype=torch.int64)
-        recipients = torch.as_tensor(recipients, dtype=torch.int64)
-        if donors.shape != recipients.shape or masks.shape[0] != donors.numel():
-            raise ValueError("donors, recipients and masks must have one entry each per transplant")
-        if recipients.unique().numel() != recipients.numel():
-            raise ValueError("recipients: each sample can receive one transplant")
-        xd, _ = batch_of(dataset, donors)
-        xr, _ = batch_of(dataset, recipients)
-        m = masks[:, None].expand_as(xr)
-        super().__init__(dataset, recipients, torch.where(m, xd, xr))
-        self.donors = donors
-        self.recipients = recipients
-        self.masks = masks
-
-
-def epoch_permutation(n: int, seed: int, epoch: int = 0) -> torch.Tensor:
-    """The seeded order of ``n`` positions in epoch ``epoch``: every arm of an experiment draws its
-    data order from here, so within a seed they see the samples they share in the same order."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(int(n), generator=g)
-
-
-class OversampleSampler(Sampler[int]):
-    """Each of ``n`` positions once per epoch, in the order of :func:`epoch_permutation` (the order
-    an un-oversampled arm of the same seed sees), plus ``extra`` draws from ``pool`` inserted at
-    random places (without replacement while the pool lasts, unless ``replacement``).
-    ``len = n + extra``. Call :meth:`set_epoch` between epochs, as with ``DistributedSampler``."""
-
-    def __init__(self, n: int, pool: torch.Tensor, extra: int, seed: int = 0, replacement: bool = False):
-        pool = torch.as_tensor(pool, dtype=torch.int64)
-        if isinstance(extra, bool) or not isinstance(extra, numbers.Integral) or extra < 0:
-            raise ValueError(f"extra: expected an int >= 0, got {extra!r}")
-        if extra > 0 and pool.numel() == 0:
-            raise ValueError("pool: no samples to oversample")
-        self.n, self.pool, self.extra, self.replacement = int(n), pool, int(extra), bool(replacement)
-        self.seed, self.epoch = int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n + self.extra
-
-    def order(self) -> torch.Tensor:
-        """This epoch's ``[n + extra]`` positions."""
-        base = epoch_permutation(self.n, self.seed, self.epoch)
-        if self.extra == 0:
-            return base
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
-        if self.replacement:
-            extra = self.pool[torch.randint(self.pool.numel(), (self.extra,), generator=g)]
-        else:
-            reps = -(-self.extra // self.pool.numel())
-            extra = torch.cat([self.pool[torch.randperm(self.pool.numel(), generator=g)] for _ in range(reps)])[:self.extra]
-        total = self.n + self.extra
-        slots = torch.zeros(total, dtype=torch.bool)
-        slots[torch.randperm(total, generator=g)[:self.extra]] = True
-        out = torch.empty(total, dtype=torch.int64)
-        out[slots] = extra
-        out[~slots] = base  # the shared base order, with the extra draws slotted in
-        return out
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
-
-
-# ----------------------------------------------------------------------------------------------
-# penalize: a loss term on where the model looks
-
-
-class ExplanationPenalty(nn.Module):
-    """``weight * mean over the batch's targets of the share of the true class's CAM mass on the
-    flagged prototypes' cells`` (0 for a batch without targets), differentiable through
-    ``i2x.ops.cam``: the channel weights' own gradient (a second-order term) is kept, so the
-    penalty trains the features and how the model weighs them ("right for the right reasons").
-
-    In a loop::
-
-        with penalty.explainer.capture() as captured:
-            logits = model(x)
-        loss = F.cross_entropy(logits, y) + penalty(captured, logits, y, indices)
-    """
-
-    def __init__(self, explainer: Explainer, targets: Targets, weight: float = 1.0):
-        super().__init__()
-        if not isinstance(explainer, Explainer):
-            raise TypeError(f"explainer: expected an i2x.Explainer, got {_describe(explainer)}")
-        if not isinstance(targets, Targets):
-            raise TypeError(f"targets: expected i2x Targets, got {_describe(targets)}")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight: expected a finite number >= 0, got {weight!r}")
-        self.explainer = explainer
-        self.weight = float(weight)
-        rows = targets.selected.nonzero().flatten()
-        n = int(targets.indices.max()) + 1 if targets.indices.numel() else 0
-        self.row_of = torch.full((n,), -1, dtype=torch.int64)
-        self.row_of[targets.indices[rows]] = torch.arange(rows.numel())
-        self.masks = targets.cell_masks[rows]
-
-    def forward(self, captured, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-        known = indices < self.row_of.numel()
-        rows = torch.full_like(indices, -1)
-        rows[known] = self.row_of[indices[known]]
-        hit = (rows >= 0).nonzero().flatten()
-        if hit.numel() == 0 or self.weight == 0:
-            return logits.new_zeros(())
-        acts = captured.activations if hasattr(captured, "activations") else captured
-        act = acts[0] if isinstance(acts, (list, tuple)) else acts
-        device = logits.device
-        hit_d = hit.to(device)
-        scores = logits.gather(1, labels.to(device)[:, None])[:, 0][hit_d].sum()
-        grad = torch.autograd.grad(scores, act, create_graph=True)[0]
-        a = self.explainer._to_grid(act, self.explainer.layer_names[0])[hit_d]
-        g = self.explainer._to_grid(grad, self.explainer.layer_names[0])[hit_d]
-        cam = ops.cam(_at_least_float32(a), _at_least_float32(g), self.explainer.method, relu=True)
-        mask = self.masks[rows[hit]].to(device)
-        if tuple(mask.shape[1:]) != tuple(cam.shape[1:]):
-            raise ValueError(f"ExplanationPenalty: the targets' cells are {tuple(mask.shape[1:])} but the layer's grid is "
-                             f"{tuple(cam.shape[1:])}: the explainer's layer is not the one the targets were found at")
-        return self.weight * mass_share(cam, mask).mean()

@@ -49,11 +49,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from ._util import describe as _describe
 
 __all__ = [
+    "batch_of",
+    "labels_of",
     "DATASET_INFO",
     "DEBIAN_FASHION_MNIST_DIR",
     "DIGITS_SIZE",
@@ -601,6 +603,42 @@ def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, 
 
 def _identity(batch):
     return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Batches of any dataset
+
+
+def batch_of(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [B, C, H, W], labels [B])`` of ``dataset`` at ``indices``: one indexing operation
+    for an :class:`ImageDataset` or a dataset with an ``i2x_batch(indices)`` method (the
+    ``i2x.strategies`` wrappers), item by item otherwise."""
+    indices = torch.as_tensor(indices, dtype=torch.int64)
+    getter = getattr(dataset, "i2x_batch", None)
+    if getter is not None:
+        return getter(indices)
+    if isinstance(dataset, ImageDataset):
+        return dataset[indices]
+    images, labels = [], []
+    for i in indices.tolist():
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2 or not isinstance(item[0], torch.Tensor):
+            raise TypeError(f"dataset[{i}]: expected an (image tensor, label) pair, got {_describe(item)}")
+        images.append(item[0])
+        labels.append(int(item[1]))
+    if not images:
+        raise ValueError("batch_of: no indices")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def labels_of(dataset) -> torch.Tensor:
+    """``[N]`` int64 labels of any ``(image, label)`` dataset (read from ``.labels`` where it has them)."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
+        return labels.long()
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------

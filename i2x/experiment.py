@@ -36,7 +36,10 @@ from torch import nn
 
 from ._util import describe as _describe
 from .cam import Explainer, _strip_wrapper
-from .curate import ExplanationPenalty, NothingToCurate, PERTURB_MODES, Targets, _labels_of, epoch_permutation
+from .curate import NothingToCurate, Targets
+from .data import labels_of
+from .penalty import ExplanationPenalty
+from .strategies import PERTURB_MODES, epoch_permutation
 from .finetune import TRAIN_LR, FINETUNE_LR_FACTOR, calibration_images, evaluate, finetune
 from .store import RunStore, RunStoreError, _atomic_write_json, atomic_write_bytes
 
@@ -321,7 +324,7 @@ def _check_pair_dataset(targets: Targets | None, train, test, m: int) -> None:
     for name, ds in (("train_dataset", train), ("test_dataset", test)):
         if len(ds) == 0:
             raise ValueError(f"{name} is empty")
-        labels = _labels_of(ds)
+        labels = labels_of(ds)
         if int(labels.max()) >= m or int(labels.min()) < 0:
             raise ValueError(f"{name}: labels in [{int(labels.min())}, {int(labels.max())}] but the run has {m} classes")
     if targets is not None:

@@ -3,7 +3,7 @@ statistics recomputed on fixed training images.
 
 :func:`finetune` takes any ``Dataset`` (ours and the wrappers of ``i2x.curate`` are read a batch at
 a time), a ``Sampler`` (``Targets.sampler``) or a ``DataLoader`` of the user's, and an optional
-:class:`~i2x.curate.ExplanationPenalty`. :func:`train` is the same loop with i2x's training recipe
+:class:`~i2x.penalty.ExplanationPenalty`. :func:`train` is the same loop with i2x's training recipe
 (the one ``i2x train`` and the experiments use), calling an online ``Tracker`` at every step.
 :func:`evaluate` gives accuracy, per-class accuracy and the confusion matrix.
 
@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ._util import describe as _describe, eval_mode
 from .cam import _strip_wrapper, model_device
-from .curate import ExplanationPenalty, batch_of, epoch_permutation
-from .data import stratified_subset
+from .data import batch_of, labels_of, stratified_subset
+from .penalty import ExplanationPenalty
+from .strategies import epoch_permutation
 
 __all__ = [
     "TRAIN_LR",
@@ -92,9 +93,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def calibration_images(dataset, n: int = CALIBRATION_SIZE, seed: int = 0) -> torch.Tensor:
     """``n`` fixed training images (a stratified, seeded subset) for recomputing BatchNorm
     statistics before every evaluation."""
-    from .curate import _labels_of
-
-    labels = _labels_of(dataset)
+    labels = labels_of(dataset)
     idx = stratified_subset(labels, min(int(n), labels.numel()), seed=seed)
     return batch_of(dataset, idx)[0]
 
@@ -297,7 +296,7 @@ def finetune(
             ``i2x.data.ImageDataset``, the ``i2x.curate`` wrappers and subsets) or a ``DataLoader``.
         sampler: positions per epoch (``Targets.sampler``, any ``Sampler``); default a seeded shuffle.
         order: explicit positions per epoch (a tensor, or ``epoch -> tensor``), instead of a sampler.
-        penalty: an :class:`~i2x.curate.ExplanationPenalty` added to the cross-entropy.
+        penalty: an :class:`~i2x.penalty.ExplanationPenalty` added to the cross-entropy.
         precision: ``auto`` (bfloat16 autocast where the device has it natively), ``bf16``, ``fp32``.
         channels_last: keep model and inputs channels-last (default: on the CPU, where it is faster);
             the model's parameters are put back in their own layout afterwards.

@@ -21,19 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import i2x
-from i2x.curate import (
-    ExplanationPenalty,
-    OversampleSampler,
-    PerturbedDataset,
-    Targets,
-    batch_of,
-    epoch_permutation,
-    known_targets,
-    load_targets,
-    mass_share,
-    otsu_threshold,
-    top_share,
-)
+from i2x.curate import Targets, known_targets, load_targets, otsu_threshold
+from i2x.data import batch_of
+from i2x.penalty import ExplanationPenalty
+from i2x.strategies import OversampleSampler, PerturbedDataset, epoch_permutation, mass_share, top_share
 from i2x.data import ImageDataset
 from i2x.store import RunStoreError
 

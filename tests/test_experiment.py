@@ -22,7 +22,7 @@ import torch
 from scipy import stats as sps
 
 import i2x
-from i2x.curate import epoch_permutation
+from i2x.strategies import epoch_permutation
 from i2x.experiment import _fingerprint_state, load_results, paired_interval, results_markdown, summarize
 from i2x.finetune import calibration_images
 from i2x.store import RunStore

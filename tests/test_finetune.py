@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import i2x
-from i2x.curate import ExplanationPenalty, OversampleSampler, epoch_permutation
+from i2x.penalty import ExplanationPenalty
+from i2x.strategies import OversampleSampler, epoch_permutation
 from i2x.data import ImageDataset
 from i2x.finetune import fit, resolve_precision
 
