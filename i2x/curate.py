@@ -4,10 +4,13 @@ strategies that act on them, as ordinary torch data objects.
 :func:`find_targets` scores every training sample of a confused pair under the final model: its
 layer features are assigned to the run's prototypes (the stored PCA and centroids, through the
 compiled ``prototype_assign``), its GradCAM grids for both classes of the pair come from the
-explainer, and the sample's **target score** is the share of the CAM mass that falls on the
-flagged prototypes' positions (``docs/curation.md`` has every rule and option). The samples whose
-score clears a data-driven threshold (Otsu's split of the pair's scores), capped at a minority of
-the pair, are the targets.
+explainer, and for every flagged prototype the sample's **share** is the fraction of the CAM mass
+on that prototype's cells. Each prototype's shares are split in two by Otsu's threshold; the
+prototypes whose split is clean (they single out a group of samples rather than sit in all of
+them) are kept, and the samples above a kept prototype's threshold, never more than a minority of
+the pair, are the targets (``docs/curation.md`` has every rule and option).
+
+The data objects live in ``i2x.strategies``, the loss term in ``i2x.penalty``.
 
 The :class:`Targets` it returns hands out the strategies::
 
@@ -425,8 +428,8 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
         save: write ``targets.safetensors`` + ``targets.json`` into the run.
         probe_dataset: the dataset the run's probe indices refer to, for the tracker's BatchNorm
             calibration images (default: ``train_dataset``; give it when the probe came from another split).
-        options: the rule (:data:`TARGET_DEFAULTS`): kinds, score, cam, top_q, weight,
-            threshold, max_fraction, batch_size.
+        options: the rule (:data:`TARGET_DEFAULTS`): kinds, select, min_separability, score,
+            cam, top_q, weight, threshold, max_fraction, batch_size.
 
     Raises:
         NothingToCurate: the pair has no flagged prototype, or no sample clears the rule.
