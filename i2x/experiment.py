@@ -440,47 +440,26 @@ def experiment(
     clean_builder = _Arms(clean[1], None, None, oracle_strategy, perturb_mode) if clean else None
     work = copy.deepcopy(_strip_wrapper(model))
     say = log or (lambda line: None)
+    recipe = dict(epochs_per_stage=epochs_per_stage, lr=lr, batch_size=batch_size, precision=precision, device=device,
+                  progress=progress, penalty_weight=penalty_weight, layer=store.manifest["model"]["layer"],
+                  method=store.manifest["model"].get("method", "gradcam"))
     for seed in seeds:
         prefixes: dict[tuple, dict] = {}  # stage prefix -> weights after it, this seed only
         for arm in arms:
             entry = results["arms"][arm]
             if entry.get("skipped") or str(seed) in entry["seeds"]:
                 continue
-            stages = _stages(arm)
             is_clean = arm == "clean"
-            weights = clean[0] if is_clean else start
-            arms_data = clean_builder if is_clean else builder
-            tag = ("clean",) if is_clean else ()
             began = time.perf_counter()
-            fit_stats = []
-            state = weights
-            for i, strategy in enumerate(stages):
-                key = tag + stages[:i + 1]
-                if key in prefixes:
-                    state = prefixes[key]
-                    continue
-                work.load_state_dict(state)
-                st = arms_data.stage(strategy, seed)
-                penalty = None
-                if st.penalty_targets is not None:
-                    explainer = Explainer(work, store.manifest["model"]["layer"],
-                                          method=store.manifest["model"].get("method", "gradcam"))
-                    penalty = ExplanationPenalty(explainer, st.penalty_targets, penalty_weight)
-                offset = i * epochs_per_stage
-
-                def order(epoch, _o=st.order, _off=offset):
-                    return _o(epoch + _off)
-
-                sampler = st.sampler
-                if sampler is not None:
-                    sampler_order = _sampler_order(sampler, offset)
-                stats = finetune(work, st.data, epochs=epochs_per_stage, lr=lr, batch_size=batch_size, seed=seed,
-                                 order=order if st.order is not None else sampler_order, penalty=penalty,
-                                 precision=precision, device=device, progress=progress)
-                fit_stats.append(stats.to_dict())
-                state = _state(work)
-                prefixes[key] = state
-            work.load_state_dict(state)
+            try:
+                fit_stats = _train_stages(work, _stages(arm), clean[0] if is_clean else start,
+                                          clean_builder if is_clean else builder, seed, prefixes,
+                                          ("clean",) if is_clean else (), recipe)
+            except NothingToCurate as e:  # e.g. no sample of the other class left to transplant into
+                entry["skipped"] = str(e)
+                _write(folder, results)
+                say(f"{arm}: skipped ({e})")
+                continue
             cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m), a, b)
             cell["seconds"] = time.perf_counter() - began
             cell["fit"] = fit_stats
@@ -494,6 +473,39 @@ def experiment(
     store._record_stage(name, {"arms": arms, "seeds": results["config"]["seeds"], "files": [f"{name}/results.json",
                                                                                             f"{name}/results.md"]})
     return results
+
+
+def _train_stages(work: nn.Module, stages, weights, arms_data: _Arms, seed: int, prefixes: dict, tag: tuple,
+                  recipe: dict) -> list[dict]:
+    """Leave ``work`` holding the weights after ``stages`` from ``weights``; a prefix already
+    trained in this seed (``full`` before ``full->full``) is reused, not trained again."""
+    fit_stats = []
+    state = weights
+    for i, strategy in enumerate(stages):
+        key = tag + stages[:i + 1]
+        if key in prefixes:
+            state = prefixes[key]
+            continue
+        work.load_state_dict(state)
+        st = arms_data.stage(strategy, seed)
+        penalty = None
+        if st.penalty_targets is not None:
+            explainer = Explainer(work, recipe["layer"], method=recipe["method"])
+            penalty = ExplanationPenalty(explainer, st.penalty_targets, recipe["penalty_weight"])
+        offset = i * recipe["epochs_per_stage"]  # stage i's epochs continue the seed's epoch count
+        if st.order is not None:
+            def order(epoch, _o=st.order, _off=offset):
+                return _o(epoch + _off)
+        else:
+            order = _sampler_order(st.sampler, offset)
+        stats = finetune(work, st.data, epochs=recipe["epochs_per_stage"], lr=recipe["lr"],
+                         batch_size=recipe["batch_size"], seed=seed, order=order, penalty=penalty,
+                         precision=recipe["precision"], device=recipe["device"], progress=recipe["progress"])
+        fit_stats.append(stats.to_dict())
+        state = _state(work)
+        prefixes[key] = state
+    work.load_state_dict(state)
+    return fit_stats
 
 
 def _sampler_order(sampler, offset: int):
