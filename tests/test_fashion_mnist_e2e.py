@@ -175,7 +175,10 @@ def test_manifest_lists_the_scheduled_checkpoints_and_the_final_one(run):
     assert steps == expected, f"manifest lists {steps}, the schedule {schedule} + final {run['final_step']}"
     assert _final_entry(run)["step"] == run["final_step"]
     assert manifest["grid"] == list(GRID)
-    assert manifest["model"] == {"name": "SmallResNet", "layer": "layer3", "method": "gradcam"}
+    # "build": how to rebuild the model (i2x.build_model made it), for i2x curate / experiment.
+    assert manifest["model"] == {"name": "SmallResNet", "layer": "layer3", "method": "gradcam",
+                                 "build": {"name": "small-resnet", "num_classes": 10, "in_channels": 1,
+                                           "options": {"widths": list(WIDTHS)}}}
     assert manifest["probe"]["size"] == PROBE_SIZE
     assert set(manifest["stages"]) == {"prototypes", "analysis"}
     for entry in manifest["checkpoints"]:
