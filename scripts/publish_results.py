@@ -88,6 +88,9 @@ def _goal(arm: str, s: dict) -> dict | None:
         f"beats {base}": base is not None and comps[base]["pair_confusions"]["mean"] < 0
         and comps[base]["pair_confusions"]["excludes_zero"],
     }
+    if "clean" in s and two:  # the planted shortcut's goal: 75% of the gap to the clean model
+        gap = s[arm].get("gap_recovered")
+        ok["gap to clean >= 75%"] = gap is not None and gap["mean"] >= 0.75
     return ok
 
 
@@ -131,14 +134,14 @@ def main() -> None:
         head += [f"Against where the mark was drawn: {sc['marked_pair_samples']} marked samples in the pair, "
                  f"{sc['targets']} targets, precision {sc['precision']:.3f}, recall {sc['recall']:.3f}; the mark's "
                  f"prototype ({sc['mark_prototype']}) flagged: {sc['mark_prototype_flagged']}.", ""]
-    goal = ["", "## The goal, arm by arm (explanation arms only)", "", "| arm | " + " | ".join(
-        next(iter(v for v in checks.values() if v), {}).keys()) + " |"]
-    keys = list(next(iter(v for v in checks.values() if v), {}).keys())
+    keys = max((list(v) for v in checks.values() if v), key=len, default=[])
+    goal = ["", "## The goals, arm by arm (explanation arms; the mean gap share for the shortcut)", "",
+            "| arm | " + " | ".join(keys) + " |"]
     if keys:
         goal.append("|---|" + "---|" * len(keys))
         for arm, v in checks.items():
             if v:
-                goal.append(f"| `{arm}` | " + " | ".join("yes" if v[k] else "no" for k in keys) + " |")
+                goal.append(f"| `{arm}` | " + " | ".join("-" if k not in v else "yes" if v[k] else "no" for k in keys) + " |")
     ceiling = extra.get("ceiling")
     if ceiling:
         goal += ["", "## Ceiling: how much of the pair's confusion is reducible at all (one seed each)", "",
