@@ -84,8 +84,8 @@ def _goal(arm: str, s: dict) -> dict | None:
         "cut >= 15%": c_ref["relative_pair_confusions"] is not None and c_ref["relative_pair_confusions"] <= -0.15
         and c_ref["pair_confusions"]["excludes_zero"],
         "accuracy >= -0.1 points": c_ref["accuracy_points"]["mean"] >= -0.1,
-        f"beats {rnd}": comps[rnd]["pair_confusions"]["mean"] < 0 and comps[rnd]["pair_confusions"]["excludes_zero"],
-        f"beats {base}": base is not None and comps[base]["pair_confusions"]["mean"] < 0
+        "beats random": comps[rnd]["pair_confusions"]["mean"] < 0 and comps[rnd]["pair_confusions"]["excludes_zero"],
+        "beats the better of pairup / hard": base is not None and comps[base]["pair_confusions"]["mean"] < 0
         and comps[base]["pair_confusions"]["excludes_zero"],
     }
     if "clean" in s and two:  # the planted shortcut's goal: 75% of the gap to the clean model
