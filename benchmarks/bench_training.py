@@ -58,7 +58,8 @@ def contenders(batches: int):
     fresh = lambda: copy.deepcopy(start)  # noqa: E731
     return {
         "main (fp32, NCHW)": lambda: _baseline(fresh(), data),
-        "i2x fp32 + channels-last": lambda: fit(fresh(), data, 1, 0.005, batch_size=BATCH, precision="fp32"),
+        "i2x fp32 + channels-last": lambda: fit(fresh(), data, 1, 0.005, batch_size=BATCH, precision="fp32",
+                                                channels_last=True),
         "i2x (auto precision)": lambda: fit(fresh(), data, 1, 0.005, batch_size=BATCH, precision="auto"),
     }
 

@@ -83,7 +83,7 @@ def test_layout_and_modes_are_restored(data):
         during.append((model.layer.weight.is_contiguous(memory_format=torch.channels_last),
                        model.layer.weight.is_contiguous(), model.training, model.fc.training))
 
-    stats = fit(model, data, 1, 0.01, batch_size=48, on_step=on_step, precision="fp32")
+    stats = fit(model, data, 1, 0.01, batch_size=48, on_step=on_step, precision="fp32", channels_last=True)
     assert stats.channels_last
     assert during == [(True, False, True, True)] * 2  # channels-last and train mode while training
     assert all(p.is_contiguous() for p in model.parameters())
@@ -91,8 +91,11 @@ def test_layout_and_modes_are_restored(data):
     assert [m.training for m in model.modules()] == modes
     # A model that was channels-last stays so; channels_last=False never converts.
     cl = tiny_net(seed=0).to(memory_format=torch.channels_last)
-    i2x.finetune(cl, data, epochs=1, lr=0.01, precision="fp32")
+    i2x.finetune(cl, data, epochs=1, lr=0.01, precision="fp32", channels_last=True)
     assert cl.layer.weight.is_contiguous(memory_format=torch.channels_last)
+    # The defaults: channels-last on the CPU only under bfloat16 (float32 stays NCHW: see fit).
+    assert not i2x.finetune(tiny_net(seed=0), data, epochs=1, lr=0.01, precision="fp32").channels_last
+    assert i2x.finetune(tiny_net(seed=0), data, epochs=1, lr=0.01, precision="bf16").channels_last
     plain = tiny_net(seed=0)
     stats = i2x.finetune(plain, data, epochs=1, lr=0.01, precision="fp32", channels_last=False)
     assert not stats.channels_last and plain.layer.weight.is_contiguous()
