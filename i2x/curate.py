@@ -30,7 +30,6 @@ number of extra draws as ``sampler``).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from ._util import describe as _describe, eval_mode
+from ._util import check_int, check_number, describe as _describe, eval_mode
 from .cam import Explainer, _strip_wrapper, model_device
 from .data import batch_of, labels_of, stratified_subset
 from .store import RunStore, RunStoreError
@@ -380,21 +379,11 @@ def _check_options(options: dict) -> dict:
         if o[name] not in allowed:
             raise ValueError(f"{name}: expected one of {list(allowed)}, got {o[name]!r}")
     if o["threshold"] != "otsu":
-        if isinstance(o["threshold"], bool) or not isinstance(o["threshold"], numbers.Real) \
-                or not 0.0 <= float(o["threshold"]) <= 1.0:
-            raise ValueError(f"threshold: expected 'otsu' or a number in [0, 1], got {o['threshold']!r}")
-        o["threshold"] = float(o["threshold"])
-    v = o["min_separability"]
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
-        raise ValueError(f"min_separability: expected a number in [0, 1], got {v!r}")
-    o["min_separability"] = float(v)
+        o["threshold"] = check_number(o["threshold"], "threshold (or 'otsu')", 0, 1)
+    o["min_separability"] = check_number(o["min_separability"], "min_separability", 0, 1)
     for name in ("top_q", "max_fraction"):
-        v = o[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < float(v) <= 1.0:
-            raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
-        o[name] = float(v)
-    if isinstance(o["batch_size"], bool) or not isinstance(o["batch_size"], int) or o["batch_size"] < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {o['batch_size']!r}")
+        o[name] = check_number(o[name], name, 0, 1, low_open=True)
+    o["batch_size"] = check_int(o["batch_size"], "batch_size")
     return o
 
 

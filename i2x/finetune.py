@@ -15,7 +15,6 @@ are kept channels-last. ``precision="fp32"`` turns both off.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ._util import describe as _describe, eval_mode
+from ._util import check_int, check_number, describe as _describe, eval_mode
 from .cam import _strip_wrapper, model_device
 from .data import batch_of, labels_of, stratified_subset
 from .penalty import ExplanationPenalty
@@ -98,18 +97,6 @@ def calibration_images(dataset, n: int = CALIBRATION_SIZE, seed: int = 0) -> tor
     return batch_of(dataset, idx)[0]
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
-def _lr(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
-    return float(value)
-
-
 def _epoch_batches(data, sampler, order, batch_size: int, seed: int, epoch: int, shuffle: bool):
     """Yields ``(positions or None, images, labels)`` for one epoch."""
     if isinstance(data, DataLoader):
@@ -167,9 +154,9 @@ def fit(
         raise TypeError(f"model: expected a torch.nn.Module, got {_describe(model)}")
     if not isinstance(data, (Dataset, DataLoader)) and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         raise TypeError(f"data: expected a torch Dataset or DataLoader, got {_describe(data)}")
-    epochs = _positive_int(epochs, "epochs")
-    batch_size = _positive_int(batch_size, "batch_size")
-    lr = _lr(lr, "lr")
+    epochs = check_int(epochs, "epochs")
+    batch_size = check_int(batch_size, "batch_size")
+    lr = check_number(lr, "lr", 0, low_open=True)
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule: expected 'constant' or 'cosine', got {schedule!r}")
     if isinstance(data, DataLoader) and (sampler is not None or order is not None):
@@ -306,7 +293,7 @@ def finetune(
 
     The model's train/eval flags are restored afterwards. Returns :class:`FitStats`.
     """
-    lr = FINETUNE_LR_FACTOR * _lr(train_lr, "train_lr") if lr is None else lr
+    lr = FINETUNE_LR_FACTOR * check_number(train_lr, "train_lr", 0, low_open=True) if lr is None else lr
     return fit(model, data, epochs, lr, optimizer=optimizer, batch_size=batch_size, seed=seed, sampler=sampler,
                order=order, penalty=penalty, precision=precision, channels_last=channels_last, device=device,
                progress=progress, desc="fine-tuning")
@@ -334,7 +321,7 @@ def evaluate(model: nn.Module, data, calibration: torch.Tensor | None = None, ba
 
     module = _strip_wrapper(model)
     device = model_device(module) if device is None else torch.device(device)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     if len(data) == 0:
         raise ValueError("data: the evaluation set is empty")
     preds, labels = [], []

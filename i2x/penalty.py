@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import nn
 
 from . import ops
-from ._util import describe as _describe
+from ._util import check_number, describe as _describe
 from .cam import Explainer, _at_least_float32
 from .curate import Targets
 from .strategies import mass_share
@@ -36,10 +33,8 @@ class ExplanationPenalty(nn.Module):
             raise TypeError(f"explainer: expected an i2x.Explainer, got {_describe(explainer)}")
         if not isinstance(targets, Targets):
             raise TypeError(f"targets: expected i2x Targets, got {_describe(targets)}")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight: expected a finite number >= 0, got {weight!r}")
         self.explainer = explainer
-        self.weight = float(weight)
+        self.weight = check_number(weight, "weight", 0)
         rows = targets.selected.nonzero().flatten()
         n = int(targets.indices.max()) + 1 if targets.indices.numel() else 0
         self.row_of = torch.full((n,), -1, dtype=torch.int64)

@@ -11,13 +11,13 @@ positions in one indexing operation (``i2x_batch``), which ``i2x.data.batch_of``
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, Subset
 
+from ._util import check_int
 from .data import batch_of
 
 __all__ = ["PERTURB_MODES", "mass_share", "top_share", "pixel_masks", "epoch_permutation", "PerturbedDataset",
@@ -210,8 +210,7 @@ class OversampleSampler(Sampler[int]):
 
     def __init__(self, n: int, pool: torch.Tensor, extra: int, seed: int = 0, replacement: bool = False):
         pool = torch.as_tensor(pool, dtype=torch.int64)
-        if isinstance(extra, bool) or not isinstance(extra, numbers.Integral) or extra < 0:
-            raise ValueError(f"extra: expected an int >= 0, got {extra!r}")
+        extra = check_int(extra, "extra", 0)
         if extra > 0 and pool.numel() == 0:
             raise ValueError("pool: no samples to oversample")
         self.n, self.pool, self.extra, self.replacement = int(n), pool, int(extra), bool(replacement)
