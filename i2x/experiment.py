@@ -70,11 +70,16 @@ def _stages(arm: str) -> tuple[str, ...]:
     return stages
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # Raw bytes through a uint8 view: works for every dtype (numpy has no bfloat16).
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _fingerprint_state(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_tensor_bytes(state[k]))
     return h.hexdigest()[:16]
 
 
@@ -82,7 +87,7 @@ def _fingerprint_tensor(*ts: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in ts:
         h.update(str(list(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_tensor_bytes(t))
     return h.hexdigest()[:16]
 
 
@@ -470,7 +475,7 @@ def experiment(
                 f"({cell['seconds']:.0f} s)")
     summarize(results)
     _write(folder, results)
-    store._record_stage(name, {"arms": arms, "seeds": results["config"]["seeds"], "files": [f"{name}/results.json",
+    store.record_stage(name, {"arms": arms, "seeds": results["config"]["seeds"], "files": [f"{name}/results.json",
                                                                                             f"{name}/results.md"]})
     return results
 

@@ -323,7 +323,7 @@ class RunStore:
         """Write ``name.safetensors`` and note the stage (with ``record``, JSON) in the manifest."""
         name = _check_name(name)
         _atomic_save_tensors(self.path / f"{name}.safetensors", tensors)
-        self._record_stage(name, record)
+        self.record_stage(name, record)
 
     def write_weights(self, state_dict: Mapping[str, torch.Tensor], step: int | None = None) -> None:
         """Keep the final model's weights in the run (``weights.safetensors``, atomic)."""
@@ -348,7 +348,7 @@ class RunStore:
         name = _check_name(name)
         _json_safe(obj, f"{name}.json")
         _atomic_write_json(self.path / f"{name}.json", obj)
-        self._record_stage(name, record)
+        self.record_stage(name, record)
 
     def read_json(self, name: str):
         name = _check_name(name)
@@ -375,7 +375,8 @@ class RunStore:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _record_stage(self, name: str, record: Mapping | None) -> None:
+    def record_stage(self, name: str, record: Mapping | None) -> None:
+        """Note in the manifest that stage ``name`` wrote its files (``record``: what to say of it)."""
         rec = {"written": _now(), **dict(record or {})}
         _json_safe(rec, f"record of {name}")
         self._manifest.setdefault("stages", {})[name] = rec
