@@ -10,27 +10,40 @@ The pipeline, one module per stage (``docs/tracking.md``, ``docs/run-format.md``
     i2x.analyze("runs/fmnist")                          # stages 3-8
     print(i2x.explain_sample("runs/fmnist", 0))         # "why does it look there"
 
-Importing i2x does not import scikit-learn: ``i2x.analysis`` imports it only inside the function
-that runs HDBSCAN, and ``i2x.data`` only to load the ``digits`` dataset.
+Importing i2x is cheap: the names below are loaded on first use (PEP 562), so ``import i2x`` (and
+``i2x --help``) does not import torch until a name is touched (when torch is imported already, the
+compiled kernels are loaded and checked against it at once), and never
+imports scikit-learn (``i2x.analysis`` imports it only inside the function that runs HDBSCAN,
+``i2x.data`` only to load the ``digits`` dataset).
 """
 
-from ._loader import build_info
-from . import ops, reference
-from .cam import Captured, Explainer, swin_reshape, vit_reshape
-from . import metrics
-from . import data, models, store, track, prototypes, analysis
-from .data import load_dataset
-from .models import build_model
-from .store import RunStore, RunStoreError
-from .track import Probe, Tracker, log_schedule, track_checkpoints
-from .prototypes import Prototypes, discover_prototypes, fit_prototypes
-from .analysis import analyze, explain_sample, load_analysis
-from . import curate
-from . import strategies, penalty
-from .curate import NothingToCurate, Targets, find_targets, known_targets, load_targets
-from .penalty import ExplanationPenalty
-from .finetune import evaluate, finetune, train
-from .experiment import experiment, load_results
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+# public name -> the module (of this package) that defines it; a name that maps to itself is a
+# module, except the two functions named like their modules (below)
+_EXPORTS = {
+    "build_info": "_loader",
+    **{m: m for m in ("ops", "reference", "metrics", "data", "models", "store", "track", "prototypes", "analysis",
+                      "curate", "strategies", "penalty", "report")},
+    "Explainer": "cam", "Captured": "cam", "swin_reshape": "cam", "vit_reshape": "cam",
+    "load_dataset": "data",
+    "build_model": "models",
+    "RunStore": "store", "RunStoreError": "store", "RunLockedError": "store",
+    "Probe": "track", "Tracker": "track", "log_schedule": "track", "track_checkpoints": "track",
+    "Prototypes": "prototypes", "discover_prototypes": "prototypes", "fit_prototypes": "prototypes",
+    "analyze": "analysis", "explain_sample": "analysis", "load_analysis": "analysis",
+    "NothingToCurate": "curate", "Targets": "curate", "find_targets": "curate", "known_targets": "curate",
+    "load_targets": "curate",
+    "ExplanationPenalty": "penalty",
+    "evaluate": "finetune", "finetune": "finetune", "train": "finetune",
+    "experiment": "experiment", "load_results": "experiment",
+    "write_report": "report",
+}
 
 __all__ = [
     "build_info",
@@ -82,5 +95,45 @@ __all__ = [
     "evaluate",
     "experiment",
     "load_results",
+    "RunLockedError",
+    # the report
+    "report",
+    "write_report",
 ]
 __version__ = "0.1.0"
+# ``i2x.train``-style functions that share their module's name: ``i2x.finetune`` and
+# ``i2x.experiment`` are the functions, as the documentation uses them.
+_FUNCTIONS_NAMED_LIKE_MODULES = ("finetune", "experiment")
+
+
+def __getattr__(name: str):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'i2x' has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    is_module = module_name == name and name not in _FUNCTIONS_NAMED_LIKE_MODULES
+    value = module if is_module else getattr(module, name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing the submodule i2x.experiment makes Python set the package attribute to the
+        # module; keep the function there instead.
+        if name in _FUNCTIONS_NAMED_LIKE_MODULES and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+# With torch already imported (the usual ``import torch, i2x``) loading the kernels costs little:
+# do it now, so that torch.ops.i2x.* exist at once and a build made for another torch is refused
+# at import rather than at first use.
+if "torch" in sys.modules:
+    from . import _loader  # noqa: F401
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

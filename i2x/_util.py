@@ -1,16 +1,33 @@
 """Small helpers shared by the Python modules: how a bad argument is described in an error, the
-number checks of the stage-9 modules, and putting a model in eval mode for a while without losing
-any submodule's own mode."""
+number checks of the stage-9 modules, putting a model in eval mode for a while without losing
+any submodule's own mode, and naming i2x's work in profiler traces."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+
+def profiled(name: str):
+    """Decorator: the call shows up as ``name`` (e.g. ``i2x::explain``) in ``torch.profiler``
+    traces, so a user profiling their own training loop sees i2x's share by name. Costs a few
+    microseconds per call when no profiler runs."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
 
 
 def describe(x) -> str:

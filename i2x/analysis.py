@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import ops
-from ._util import describe as _describe
+from ._util import describe as _describe, profiled
 from .store import RunStore, RunStoreError
 
 __all__ = [
@@ -1011,6 +1011,7 @@ def _regress_groups(dP, dY, labels, groups, m, lam, min_group_size):
     return betas, summary
 
 
+@profiled("i2x::analyze")
 def analyze(run, **options) -> Analysis:
     """Run stages 3-8 on a run with >= 2 finished checkpoints and prototypes; write
     ``analysis.json`` and ``analysis.safetensors`` (atomically, replacing an earlier analysis).

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .reference import CAM_METHODS
+from ._util import profiled
 
 __all__ = ["Explainer", "Captured", "vit_reshape", "swin_reshape"]
 
@@ -267,6 +268,7 @@ class Explainer:
 
     # -- the two entry points -----------------------------------------------------------------
 
+    @profiled("i2x::explain")
     def explain(
         self,
         x: torch.Tensor,
@@ -320,6 +322,7 @@ class Explainer:
             yield captured
         captured.activations = hooks.activations()
 
+    @profiled("i2x::explain_from")
     def explain_from(
         self,
         activations: torch.Tensor | Sequence[torch.Tensor] | Captured,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from ._util import check_int, check_number, describe as _describe, eval_mode
+from ._util import check_int, check_number, describe as _describe, eval_mode, profiled
 from .cam import Explainer, _strip_wrapper, model_device
 from .data import batch_of, labels_of, stratified_subset
 from .store import RunStore, RunStoreError
@@ -400,6 +400,7 @@ def _flagged(analysis, a: int, b: int, kinds, prototypes) -> list[dict]:
     return analysis.flagged_prototypes(a, b, kinds)
 
 
+@profiled("i2x::find_targets")
 def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: Sequence[int] | None = None,
                  device=None, progress: bool = False, save: bool = True, probe_dataset=None, **options) -> Targets:
     """Score every training sample of a confused pair and choose the targets.
@@ -655,9 +656,9 @@ def _cap(selected: torch.Tensor, scores: torch.Tensor, max_fraction: float, thre
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from ._progress import bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    return bar(total=total, desc=desc, unit="sample", enabled=enabled)
 
 
 def save_targets(store: RunStore, targets: Targets) -> None:

@@ -54,6 +54,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from ._util import describe as _describe
 
 __all__ = [
+    "load_recorded_dataset",
+    "training_subset",
     "batch_of",
     "labels_of",
     "DATASET_INFO",
@@ -284,6 +286,35 @@ def load_dataset(
     else:
         mean, std = (0.0,) * info.channels, (1.0,) * info.channels
     return ImageDataset(pixels, labels, list(info.classes), name, split, mean, std)
+
+
+def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> tuple[ImageDataset, dict]:
+    """A stratified, seeded subset of ``size`` samples (the whole dataset when ``size`` is None or
+    not smaller), and the record that lets :func:`load_recorded_dataset` rebuild exactly it."""
+    if size is None or size >= len(dataset):
+        return dataset, {}
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < dataset.num_classes:
+        raise ValueError(f"size: expected an int >= the {dataset.num_classes} classes, got {size!r}")
+    return dataset.subset(stratified_subset(dataset.labels, int(size), seed=seed)), {
+        "subset": {"size": int(size), "seed": int(seed)}}
+
+
+def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: bool = True) -> ImageDataset:
+    """The dataset a run describes (its manifest's ``dataset``): the split ``train``, loaded by name
+    at the recorded image ``size``; for the training split also the recorded ``subset`` (as
+    :func:`training_subset` drew it), so that indices stored in the run point at the same samples.
+
+    Raises ValueError when the record names no dataset i2x can load by name (a user's own data:
+    pass it to the Python API instead)."""
+    name = record.get("name") if isinstance(record, dict) else None
+    if name not in DATASET_INFO:
+        raise ValueError(f"the run was recorded on {name!r}, which i2x cannot load by name (known: "
+                         f"{', '.join(sorted(DATASET_INFO))}); pass that dataset through the Python API")
+    data = load_dataset(name, root=root, train=train, size=record.get("size"))
+    subset = record.get("subset")
+    if train and subset:
+        data, _ = training_subset(data, int(subset["size"]), int(subset.get("seed", 0)))
+    return data
 
 
 def _normalize_(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:

@@ -380,6 +380,7 @@ def experiment(
     from .curate import load_targets
 
     store = run if isinstance(run, RunStore) else RunStore.open(run)
+    store.lock_for_writing()  # results.json is written beside the store's own files
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {_describe(model)}")
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]

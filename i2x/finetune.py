@@ -187,9 +187,9 @@ def fit(
     sched = None
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    from tqdm.auto import tqdm
+    from ._progress import bar as progress_bar
 
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, unit="step", enabled=progress)
     converted = cl and _to_channels_last(model)
     was_training = [(m, m.training) for m in model.modules()]
     started = time.perf_counter()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._util import check_number, describe as _describe
+from ._util import check_number, describe as _describe, profiled
 from .cam import Explainer, _at_least_float32
 from .curate import Targets
 from .strategies import mass_share
@@ -41,6 +41,7 @@ class ExplanationPenalty(nn.Module):
         self.row_of[targets.indices[rows]] = torch.arange(rows.numel())
         self.masks = targets.cell_masks[rows]
 
+    @profiled("i2x::penalty")
     def forward(self, captured, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
         known = indices < self.row_of.numel()

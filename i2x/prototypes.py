@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from ._progress import bar as _bar
 
 from . import ops
-from ._util import eval_mode
+from ._util import eval_mode, profiled
 from .cam import _as_grid, _find_last_spatial_layer, _resolve_layer, model_device
 
 __all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes"]
@@ -401,6 +401,7 @@ def fit_prototypes(
     )
 
 
+@profiled("i2x::discover_prototypes")
 def discover_prototypes(
     model: nn.Module,
     layer,
@@ -448,7 +449,7 @@ def _checked_batches(feature_batches, pass_name: str, progress: bool, expect: _M
         ) from None
     geometry = None if expect is None else (expect.channels, *expect.grid)
     device = None if expect is None else expect.device
-    for i, batch in enumerate(tqdm(iterator, desc=f"prototypes: {pass_name}", unit="batch", disable=not progress)):
+    for i, batch in enumerate(_bar(iterator, desc=f"prototypes: {pass_name}", unit="batch", enabled=progress)):
         where = f"feature batch {i} ({pass_name})"
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"{where} must be a torch.Tensor [B, C, h, w], got {type(batch).__name__}")
@@ -636,7 +637,7 @@ def _kmeans(x, k: int, generator, n_init: int, max_iter: int, tol: float, progre
     x_norms = x.pow(2).sum(dim=1)
     shift_tol = tol * float(x.var(dim=0, correction=0).mean())
     best, best_inertia = None, math.inf
-    for _ in tqdm(range(n_init), desc="prototypes: k-means", unit="init", disable=not progress):
+    for _ in _bar(range(n_init), desc="prototypes: k-means", unit="init", enabled=progress):
         centroids, inertia = _lloyd(x, _kmeans_plus_plus(x, x_norms, k, generator), max_iter, shift_tol)
         if inertia < best_inertia or best is None:
             best, best_inertia = centroids, inertia

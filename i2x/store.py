@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,9 +31,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import _runlock
+from ._runlock import RunLockedError
 from ._util import describe as _describe
 
-__all__ = ["RunStore", "RunStoreError", "FORMAT", "FORMAT_VERSION", "atomic_write_bytes"]
+__all__ = ["RunStore", "RunStoreError", "RunLockedError", "FORMAT", "FORMAT_VERSION", "atomic_write_bytes"]
 
 FORMAT = "i2x-run"
 FORMAT_VERSION = 1
@@ -128,6 +131,25 @@ class RunStore:
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self._manifest = manifest
+        self._lock_key: str | None = None
+        self._lock_finalizer = None
+
+    # -- one writer at a time (i2x._runlock) -----------------------------------------------
+
+    def lock_for_writing(self) -> "RunStore":
+        """Become the run's writer (every write method calls this first): an OS file lock held
+        until :meth:`release` or until this store is garbage-collected or the process ends.
+        Raises :class:`RunLockedError` when another process is writing the run."""
+        if self._lock_key is None:
+            self._lock_key = _runlock.acquire(self.path)
+            self._lock_finalizer = weakref.finalize(self, _runlock.release, self._lock_key)
+        return self
+
+    def release(self) -> None:
+        """Stop being the run's writer (another process may write it from now on)."""
+        if self._lock_finalizer is not None:
+            self._lock_finalizer()  # runs _runlock.release once
+        self._lock_key = self._lock_finalizer = None
 
     # -- opening and creating ---------------------------------------------------------------
 
@@ -189,6 +211,7 @@ class RunStore:
                         f"{store._manifest.get(name)!r}, this run's is {identity[name]!r}. "
                         "Use another folder, or delete this one to start over."
                     )
+            store.lock_for_writing()  # before removing temporaries: they may be a live writer's
             store._cleanup_temporaries()
             return store
         if path.exists() and any(path.iterdir()):
@@ -209,8 +232,8 @@ class RunStore:
         }
         _json_safe(manifest, "manifest")
         path.mkdir(parents=True, exist_ok=True)
+        store = cls(path, manifest).lock_for_writing()
         _atomic_save_tensors(path / PROBE, {"indices": indices, "labels": labels})
-        store = cls(path, manifest)
         store._write_manifest()
         return store
 
@@ -283,6 +306,7 @@ class RunStore:
         # rather than store inf.
         sal16 = saliency.detach().float().clamp(max=65504.0).to(torch.float16)
         rel = _checkpoint_name(step)
+        self.lock_for_writing()
         _atomic_save_tensors(self.path / rel, {"saliency": sal16, "probs": probs.detach().float()})
         entry = {"step": step, "file": rel, "final": bool(final), "written": _now(), **dict(extra or {})}
         _json_safe(entry, "checkpoint entry")
@@ -322,6 +346,7 @@ class RunStore:
     def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], record: Mapping | None = None) -> None:
         """Write ``name.safetensors`` and note the stage (with ``record``, JSON) in the manifest."""
         name = _check_name(name)
+        self.lock_for_writing()
         _atomic_save_tensors(self.path / f"{name}.safetensors", tensors)
         self.record_stage(name, record)
 
@@ -347,6 +372,7 @@ class RunStore:
         """Write ``name.json`` atomically (NaN/inf are refused: JSON has no such numbers)."""
         name = _check_name(name)
         _json_safe(obj, f"{name}.json")
+        self.lock_for_writing()
         _atomic_write_json(self.path / f"{name}.json", obj)
         self.record_stage(name, record)
 
@@ -383,6 +409,7 @@ class RunStore:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
+        self.lock_for_writing()
         _atomic_write_json(self.path / MANIFEST, self._manifest)
 
     def _load(self, path: Path, required: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -34,9 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._util import describe as _describe, eval_mode
+from ._util import describe as _describe, eval_mode, profiled
 from .cam import Explainer, _strip_wrapper, model_device
 from .data import stratified_subset
+from . import _progress
 from .store import RunStore, RunStoreError
 
 __all__ = [
@@ -495,8 +496,11 @@ class Tracker:
         if prototypes is not False:
             options = dict(prototypes) if isinstance(prototypes, Mapping) else {}
             self.fit_prototypes(**options)
+        if self.store is not None:
+            self.store.release()  # training is over: other processes may write the run now
         return self.store
 
+    @profiled("i2x::fit_prototypes")
     def fit_prototypes(self, **options):
         """Stage 2 on the model as it is now (the final model): PCA + k-means over the probe's
         layer features, assignments and exemplars, written to the run as ``prototypes``."""
@@ -513,6 +517,7 @@ class Tracker:
         write_prototypes(self.store, protos)
         return protos
 
+    @profiled("i2x::record_checkpoint")
     def record(self, step: int, final: bool = False) -> None:
         """Explain the probe set now and write it as checkpoint ``step``."""
         start, stop = self.probe.shard(self.rank, self.world)
@@ -531,7 +536,8 @@ class Tracker:
             self.store.write_checkpoint(step, saliency, probs, final=final)
             if self.progress:
                 acc = (probs.argmax(1) == self.probe.labels).float().mean().item()
-                print(f"i2x: checkpoint at step {step} recorded ({len(self.probe)} probe samples, probe accuracy {acc:.3f})")
+                _progress.log(f"i2x: checkpoint at step {step} recorded ({len(self.probe)} probe samples, "
+                              f"probe accuracy {acc:.3f})")
         self.finished.add(int(step))
         if self.world > 1:
             dist.barrier()
@@ -663,5 +669,7 @@ def track_checkpoints(
                 tracker.fit_prototypes(**(dict(prototypes) if isinstance(prototypes, Mapping) else {}))
     finally:
         module.load_state_dict(original)
+        if tracker.store is not None:
+            tracker.store.release()
     return tracker.store
 

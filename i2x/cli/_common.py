@@ -1,0 +1,178 @@
+"""What the subcommands share: the common options (``--quiet``, ``--json``, ``--debug``), argument
+types, and opening a run's model and data for the commands that rebuild them.
+
+Only the standard library is imported at module level: ``i2x --help`` must answer without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Every subcommand takes these (argparse ``parents=[COMMON]``).
+COMMON = argparse.ArgumentParser(add_help=False)
+_common = COMMON.add_argument_group("output")
+_common.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+_common.add_argument("--json", action="store_true", help="print one JSON document on stdout (implies --quiet)")
+_common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+
+
+def emit(args, data, text) -> None:
+    """Print ``data`` as JSON with ``--json``, else ``text`` (a string, or a callable giving one)."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text() if callable(text) else text)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_model_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="the run folder (made by i2x track or i2x.Tracker)")
+    p.add_argument("--data", required=True, help="the run's dataset by name: fashion-mnist, mnist, cifar10 or digits")
+    p.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="resize the images to SIZE px, as the run's model was trained (default: the dataset's size)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the final weights (safetensors or a torch file; default: the run's weights.safetensors)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def open_run(path: Path):
+    from ..store import RunStore
+
+    return RunStore.open(path)
+
+
+def run_model(store, weights: Path | None, device):
+    """The run's final model: rebuilt from the manifest's build spec, the weights loaded strictly."""
+    from ..models import rebuild_model
+    from ..track import _load_into, load_weights
+
+    spec = store.manifest["model"].get("build")
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"run {store.path}: the model cannot be rebuilt, i2x did not build it (the manifest has no "
+            "model 'build' spec; i2x.build_model records one). Use the Python API instead: i2x.find_targets "
+            "and i2x.experiment take your model")
+    model, _ = rebuild_model(spec)
+    if weights is not None:
+        state, source = load_weights(weights), weights
+    else:
+        try:
+            state = store.read_weights()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"run {store.path} keeps no final weights (weights.safetensors): pass --weights FILE (the final "
+                "checkpoint), or finish the Tracker with save_weights=True") from None
+        source = store.path / "weights.safetensors"
+    _load_into(model, state, source)
+    if device is not None:
+        import torch
+
+        model = model.to(torch.device(device))
+    return model
+
+
+def run_data(store, args, train: bool = True):
+    """The run's dataset by name (one split), checked against the run: classes, channels, and for
+    the training split the probe's labels at the probe's positions."""
+    from ..data import DATASET_INFO, load_dataset, load_recorded_dataset
+
+    recorded = store.manifest["dataset"].get("name")
+    if recorded in DATASET_INFO and recorded != args.data:
+        raise ValueError(f"run {store.path} was tracked on {recorded!r}, not {args.data!r}: pass --data {recorded}")
+    record = store.manifest["dataset"]
+    if recorded == args.data and args.size is None:
+        # the same samples the run indexes: its recorded image size and training subset
+        data = load_recorded_dataset(record, root=args.data_root, train=train)
+    else:
+        data = load_dataset(args.data, root=args.data_root, train=train, size=args.size)
+    if list(data.classes) != store.classes:
+        raise ValueError(f"dataset {args.data!r} has the classes {list(data.classes)} but the run has {store.classes}: "
+                         "pass the dataset the run was tracked on")
+    spec = store.manifest["model"].get("build") or {}
+    if "in_channels" in spec and int(spec["in_channels"]) != data.images.shape[1]:
+        raise ValueError(f"dataset {args.data!r} has {data.images.shape[1]} channel(s) but the run's model takes "
+                         f"{spec['in_channels']}")
+    if train and store.manifest["dataset"].get("split") == "train":
+        idx, labels = store.probe()
+        if int(idx.max()) >= len(data):
+            raise ValueError(f"dataset {args.data!r} (train) has {len(data)} samples but the run's probe refers to "
+                             f"index {int(idx.max())}: pass the training set the run was tracked on")
+        wrong = int((data.labels[idx] != labels).sum())
+        if wrong:
+            raise ValueError(f"dataset {args.data!r} (train) does not match the run's probe: {wrong} of its "
+                             f"{idx.numel()} samples have other labels; pass the training set the run was tracked on")
+    return data
+
+
+def check_grid(model, store, data, device) -> None:
+    """The model's target layer on one image must give the run's grid (else: another image size)."""
+    import torch
+
+    from .._util import eval_mode
+
+    grid, layer = store.grid, store.manifest["model"]["layer"]
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"the rebuilt model has no layer {layer!r} (the run's target layer)") from None
+    if grid is None:
+        return
+    seen = {}
+
+    def hook(_module, _inputs, output):
+        seen["shape"] = tuple(output.shape) if hasattr(output, "shape") else ()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(data.images[:1].to(device or "cpu"))
+    finally:
+        handle.remove()
+    shape = seen.get("shape", ())
+    if len(shape) == 4 and tuple(shape[-2:]) != tuple(grid):
+        size = "x".join(str(v) for v in data.images.shape[-2:])
+        raise ValueError(f"{size} px images give a {shape[-2]}x{shape[-1]} grid at {layer} but the run's grid is "
+                         f"{grid[0]}x{grid[1]}: load the images at the size the run was trained on (--size)")
+
+
+def class_index(store, token: str) -> int:
+    names = store.classes
+    if token in names:
+        return names.index(token)
+    try:
+        c = int(token)
+    except ValueError:
+        raise ValueError(f"--pair: {token!r} is neither a class index nor one of the run's classes {names}") from None
+    if not 0 <= c < len(names):
+        raise ValueError(f"--pair: class index {c} is out of range for the run's {len(names)} classes")
+    return c
+
+
+def class_label(names: list[str], c: int) -> str:
+    return names[c] if names[c] == str(c) else f"{c} ({names[c]})"

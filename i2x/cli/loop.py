@@ -1,0 +1,180 @@
+"""Stage 9 from the command line: ``i2x curate`` (the training samples that rely on a pair's
+flagged prototypes) and ``i2x experiment`` (arms x seeds of fine-tuning, resumable)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ._common import (COMMON, add_model_data_options, check_grid, class_index, class_label, int_list, key_value,
+                      open_run, positive_int, run_data, run_model)
+
+
+def register(sub) -> None:
+    curate = sub.add_parser("curate", parents=[COMMON],
+                            help="stage 9: the training samples that rely on a pair's flagged prototypes",
+                            description="Score the training samples of a confused pair under the run's final model "
+                                        "and write the targets into the run (targets.json + targets.safetensors).")
+    add_model_data_options(curate)
+    curate.add_argument("--pair", nargs=2, metavar=("A", "B"), default=None,
+                        help="the pair (class indices or names; default: the analysis' most confused pair)")
+    curate.add_argument("--prototypes", type=int_list, default=None,
+                        help="target these prototype ids, e.g. 3,7 (default: the pair's flagged ones)")
+    curate.add_argument("--rule-option", dest="rule_options", action="append", type=key_value, default=[],
+                        metavar="KEY=VALUE", help="an option of the target rule (repeatable): kinds=ambivalent,decisive "
+                        "score=mass|top cam=pair|true top_q=0.2 weight=none|margin|error threshold=otsu|0.3 "
+                        "max_fraction=0.5 batch_size=256")
+    curate.set_defaults(handler=_curate)
+
+    exp = sub.add_parser("experiment", parents=[COMMON],
+                         help="stage 9: arms x seeds of fine-tuning from the final weights (resumable)",
+                         description="Fine-tune copies of the run's final model on each arm's data, evaluate on the "
+                                     "test split, and write RUN/NAME/results.json + results.md after every cell.")
+    add_model_data_options(exp)
+    exp.add_argument("--arms", default="all",
+                     help="comma-separated arms (full, curated, full->full, curated->full, ...), 'quick' or 'all' "
+                          "(default all)")
+    exp.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default 5)")
+    exp.add_argument("--epochs-per-stage", type=positive_int, default=1)
+    exp.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.1 x 0.05)")
+    exp.add_argument("--batch-size", type=positive_int, default=128)
+    exp.add_argument("--perturb-mode", choices=["fill", "blur", "noise"], default="fill")
+    exp.add_argument("--penalty-weight", type=float, default=1.0)
+    exp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    exp.add_argument("--name", default="experiment", help="the experiment's folder in the run (default experiment)")
+    exp.set_defaults(handler=_experiment)
+
+
+def _rule_options(pairs: list[tuple[str, str]]) -> dict:
+    """``--rule-option KEY=VALUE`` -> find_targets' options, typed by the defaults and checked."""
+    from ..curate import TARGET_DEFAULTS, _check_options
+
+    options = {}
+    for key, value in pairs:
+        if key not in TARGET_DEFAULTS:
+            raise ValueError(f"--rule-option {key}: unknown option; known: {', '.join(sorted(TARGET_DEFAULTS))}")
+        default = TARGET_DEFAULTS[key]
+        try:
+            if isinstance(default, tuple):
+                options[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif key == "threshold":
+                options[key] = value if value == "otsu" else float(value)
+            elif isinstance(default, bool) or isinstance(default, str):
+                options[key] = value
+            elif isinstance(default, int):
+                options[key] = int(value)
+            else:
+                options[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--rule-option {key}={value}: expected {'an integer' if isinstance(default, int) else 'a number'}"
+                             + (" or 'otsu'" if key == "threshold" else "")) from None
+    try:
+        _check_options(options)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--rule-option: {e}") from None
+    return options
+
+
+def _curate(args) -> int:
+    from ..curate import NothingToCurate, find_targets
+
+    store = open_run(args.run)
+    options = _rule_options(args.rule_options)
+    pair = None
+    if args.pair is not None:
+        a, b = (class_index(store, t) for t in args.pair)
+        pair = (min(a, b), max(a, b))
+    model = run_model(store, args.weights, args.device)
+    train = run_data(store, args, train=True)
+    check_grid(model, store, train, args.device)
+    try:
+        targets = find_targets(store, model, train, pairs=[pair] if pair is not None else None,
+                               prototypes=args.prototypes, device=args.device, **options)
+    except NothingToCurate as e:
+        if pair is None:
+            first = (store.read_json("analysis").get("uncertainty") or [{}])[0].get("pair")
+            pair = tuple(first) if first else None
+        if args.json:
+            print(json.dumps({"status": "nothing_to_curate", "pair": list(pair) if pair else None, "message": str(e)},
+                             indent=2))
+        else:
+            print(f"i2x curate: {e}")
+        return 0
+    summary = targets.summary()
+    if args.json:
+        print(json.dumps({"status": "ok", **summary}, indent=2))
+        return 0
+    names = store.classes
+    a, b = summary["pair"]
+    print(f"i2x curate: {summary['targets']} targets among the {summary['pair_samples']} training samples of "
+          f"{class_label(names, a)} vs {class_label(names, b)} ({100 * summary['share']:.1f}%), written to "
+          f"{store.path / 'targets.json'}")
+    print(f"  {'class':<16} {'samples':>7} {'targets':>7} {'share':>7} {'errors':>6} {'targeted':>8}")
+    for c, v in summary["per_class"].items():
+        print(f"  {class_label(names, int(c)):<16} {v['samples']:>7} {v['targets']:>7} {100 * v['share']:>6.1f}% "
+              f"{v['errors']:>6} {v['errors_targeted']:>8}")
+    for p in summary["prototypes"]:
+        score = "" if p.get("score") is None else f", score {p['score']:.3g}"
+        split = "" if p.get("separability") is None else f", separability {p['separability']:.2f}"
+        used = "used" if p.get("used", True) else "not used"
+        reason = str(p.get("reason") or "")
+        reason = reason[len(p["kind"]) + 2:] if reason.startswith(f"{p['kind']}: ") else reason
+        print(f"  prototype {p['prototype']} ({p['kind']}{score}{split}; {used}): {reason}")
+    rule = summary["rule"]
+    used = "" if rule.get("threshold_used") is None else f" (used {rule['threshold_used']:.3g})"
+    fallback = "; no prototype split the pair cleanly, the most separable one is used" if rule.get("fallback") else ""
+    print(f"  rule: select {rule['select']}, score {rule['score']}, cam {rule['cam']}, weight {rule['weight']}, "
+          f"threshold {rule['threshold']}{used}, max_fraction {rule['max_fraction']:g}{fallback}")
+    return 0
+
+
+def _arms(text: str) -> tuple[str, ...]:
+    from ..experiment import ALL_ARMS, QUICK_ARMS, _stages
+
+    if text.strip() == "quick":
+        return QUICK_ARMS
+    if text.strip() == "all":
+        return ALL_ARMS
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not arms:
+        raise ValueError("--arms: expected comma-separated arms, 'quick' or 'all', got nothing")
+    for arm in arms:
+        if arm == "clean" or "oracle" in arm.split("->"):
+            raise ValueError(f"--arms: arm {arm!r} needs Python objects (clean weights and data, or known regions): "
+                             "use the Python API, i2x.experiment(clean=..., oracle=...)")
+        try:
+            _stages(arm)
+        except ValueError as e:
+            raise ValueError(f"--arms: {e}") from None
+    return arms
+
+
+def _experiment(args) -> int:
+    from ..experiment import experiment, results_markdown
+
+    store = open_run(args.run)
+    arms = _arms(args.arms)
+    model = run_model(store, args.weights, args.device)
+    train = run_data(store, args, train=True)
+    test = run_data(store, args, train=False)
+    check_grid(model, store, train, args.device)
+    quiet = args.quiet or args.json
+    log = None if quiet else (lambda line: print(f"  {line}", flush=True))
+    try:
+        results = experiment(store, model, train, test, arms=arms, seeds=args.seeds,
+                             epochs_per_stage=args.epochs_per_stage, lr=args.lr, batch_size=args.batch_size,
+                             perturb_mode=args.perturb_mode, penalty_weight=args.penalty_weight,
+                             precision=args.precision, device=args.device, name=args.name, log=log)
+    except KeyboardInterrupt:
+        print(f"i2x experiment: interrupted; the finished cells are in {store.path / args.name / 'results.json'}: "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(results["summary"], indent=2))
+        return 0
+    cells = sum(len(e.get("seeds", {})) for e in results["arms"].values())
+    print(f"i2x experiment: {store.path / args.name / 'results.json'} ({cells} cells finished)")
+    print()
+    print(results_markdown(results), end="")
+    return 0

@@ -1,0 +1,127 @@
+"""``i2x track`` (post hoc over saved checkpoints), ``i2x analyze`` (stages 3-8) and ``i2x info``
+(what a run holds, or what this i2x build is)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import COMMON, emit, int_list, positive_int
+
+
+def register(sub) -> None:
+    track = sub.add_parser("track", parents=[COMMON], help="record a folder of saved checkpoints into a run (resumable)")
+    track.add_argument("--run", required=True, type=Path, help="the run folder (created, or resumed)")
+    track.add_argument("--checkpoints", required=True, type=Path,
+                       help="folder of weights files; the step is the last number in each name")
+    track.add_argument("--dataset", required=True, help="fashion-mnist, mnist, cifar10 or digits")
+    track.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
+    track.add_argument("--split", choices=["train", "test"], default="train", help="probe split (default train)")
+    track.add_argument("--model", required=True, help="small-resnet or resnet50")
+    track.add_argument("--widths", type=int_list, default=None, help="small-resnet stage widths, e.g. 16,32,64")
+    track.add_argument("--layer", default=None, help="target layer (default: the model's)")
+    track.add_argument("--probe-size", type=positive_int, default=10_000, help="stratified probe size (default 10000)")
+    track.add_argument("--probe-seed", type=int, default=0)
+    track.add_argument("--batch-size", type=positive_int, default=256)
+    track.add_argument("--method", default="gradcam")
+    track.add_argument("--recalibrate-bn", type=int, default=512,
+                       help="probe images for BatchNorm recalibration before each record (0: off)")
+    track.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    track.add_argument("--no-prototypes", action="store_true", help="skip prototype discovery")
+    track.add_argument("--n-prototypes", type=positive_int, default=32)
+    track.add_argument("--pca-dim", type=positive_int, default=64)
+    track.add_argument("--prototype-seed", type=int, default=0)
+    track.set_defaults(handler=_track)
+
+    analyze = sub.add_parser("analyze", parents=[COMMON],
+                             help="stages 3-8: beta^t, groups, timeline, uncertain prototypes")
+    analyze.add_argument("run", type=Path)
+    analyze.add_argument("--ridge-lambda", type=float)
+    analyze.add_argument("--n-pairs", type=int)
+    analyze.add_argument("--score", dest="uncertainty_score", help="swing, sign_changes or cancellation")
+    analyze.add_argument("--regression", dest="uncertainty_regression", help="pair, pooled or class_a")
+    analyze.add_argument("--presence", dest="uncertainty_presence", help="both_classes or pair_share")
+    analyze.add_argument("--min-presence", type=float)
+    analyze.add_argument("--flag-fraction", type=float)
+    analyze.add_argument("--shared-presence", type=float)
+    analyze.add_argument("--separation-threshold", type=float)
+    analyze.set_defaults(handler=_analyze)
+
+    info = sub.add_parser("info", parents=[COMMON], help="what a run folder holds (without RUN: this i2x build)")
+    info.add_argument("run", type=Path, nargs="?", default=None)
+    info.set_defaults(handler=_info)
+
+
+def _track(args) -> int:
+    import torch
+
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..track import Probe, track_checkpoints
+
+    dataset = load_dataset(args.dataset, root=args.data_root, train=args.split == "train")
+    options = {"widths": args.widths} if args.widths else {}
+    model, default_layer = build_model(args.model, len(dataset.classes), in_channels=dataset.images.shape[1], **options)
+    if args.device:
+        model = model.to(torch.device(args.device))
+    probe = Probe.from_dataset(dataset, size=min(args.probe_size, len(dataset.labels)), seed=args.probe_seed)
+    prototypes = False if args.no_prototypes else {
+        "n_prototypes": args.n_prototypes, "pca_dim": args.pca_dim, "seed": args.prototype_seed}
+    store = track_checkpoints(
+        model, args.layer or default_layer, probe, args.checkpoints, args.run, prototypes=prototypes,
+        batch_size=args.batch_size, method=args.method, device=args.device, model_name=args.model,
+        recalibrate_bn=args.recalibrate_bn, progress=True,
+    )
+    data = {"run": str(store.path), "checkpoints": store.finished_steps(), "prototypes": store.has("prototypes")}
+    emit(args, data, f"i2x: run {store.path}: checkpoints {store.finished_steps()}, prototypes "
+                     f"{'yes' if store.has('prototypes') else 'no'}")
+    return 0
+
+
+def _analyze(args) -> int:
+    from ..analysis import analyze
+
+    names = ("ridge_lambda", "n_pairs", "uncertainty_score", "uncertainty_regression", "uncertainty_presence",
+             "min_presence", "flag_fraction", "shared_presence", "separation_threshold")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    result = analyze(args.run, **options)
+    pairs = [{"pair": e["pair"], "names": e["names"], "confusions": e["hard_confusions"],
+              "flagged": [{"prototype": f["prototype"], "score": f["score"]} for f in e["flagged"]]}
+             for e in result.data["uncertainty"]]
+
+    def text() -> str:
+        lines = [f"i2x: analysis of {args.run} written ({len(result.steps)} checkpoints, "
+                 f"{result.data['num_prototypes']} prototypes)"]
+        for entry in result.data["uncertainty"]:
+            a, b = entry["names"]
+            flagged = ", ".join(f"{f['prototype']} (U={f['score']:.3g})" for f in entry["flagged"]) or "none"
+            lines.append(f"  {a} vs {b}: {entry['hard_confusions']} confusions; uncertain prototypes: {flagged}")
+        return "\n".join(lines)
+
+    emit(args, {"run": str(args.run), "checkpoints": len(result.steps),
+                "prototypes": result.data["num_prototypes"], "pairs": pairs}, text)
+    return 0
+
+
+def _info(args) -> int:
+    if args.run is None:
+        from .._loader import build_info
+
+        info = build_info()
+        emit(args, info, lambda: "\n".join(f"{k}: {v}" for k, v in info.items()))
+        return 0
+    from ..store import RunStore
+
+    store = RunStore.open(args.run)
+    m = store.manifest
+    data = {"run": str(store.path), "model": m["model"], "dataset": m["dataset"], "probe_size": m["probe"]["size"],
+            "classes": m["classes"], "grid": m["grid"], "schedule": m["schedule"].get("steps"),
+            "finished_checkpoints": store.finished_steps(), "final_step": store.final_step(),
+            "stages": sorted(m.get("stages", {}))}
+    lines = [f"run {store.path}",
+             f"  model {m['model']}  dataset {m['dataset']}",
+             f"  {m['probe']['size']} probe samples, {len(m['classes'])} classes, grid {m['grid']}",
+             f"  schedule {m['schedule'].get('steps')}",
+             f"  finished checkpoints {store.finished_steps()} (final: {store.final_step()})",
+             f"  stages: {', '.join(sorted(m.get('stages', {}))) or 'none'}"]
+    emit(args, data, "\n".join(lines))
+    return 0
