@@ -1024,6 +1024,7 @@ def analyze(run, **options) -> Analysis:
     """
     o, score_fn, formula = _check_options(options)
     store = _open(run)
+    store.lock_for_writing()  # refuse now, not after the work, when another process writes the run
     steps = store.finished_steps()
     if len(steps) < 2:
         raise ValueError(

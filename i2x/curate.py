@@ -431,6 +431,8 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
 
     o = _check_options(options)
     store = _open(run)
+    if save:
+        store.lock_for_writing()  # refuse now, not after scoring, when another process writes the run
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {_describe(model)}")
     if not (store.path / "prototypes.safetensors").exists():
