@@ -21,6 +21,9 @@ PY="$VENV/bin/python"
   "safetensors>=0.4" "scikit-learn>=1.3" tqdm \
   "pytest>=8" "pytest-benchmark>=4" expecttest \
   captum grad-cam    # test-only peers: explainer parity is checked against them
+# test-only: tests/_browser.py drives the system Chromium (.ci/run installs it) through Playwright;
+# no browser is downloaded (it is launched with executable_path=/usr/bin/chromium).
+"$PY" -m pip install -q --disable-pip-version-check playwright
 # --no-build-isolation: compile against the torch in this environment instead of copying
 # 5.5 GB of torch into a temporary build environment.
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
