@@ -55,6 +55,8 @@ from ._util import describe as _describe
 
 __all__ = [
     "load_recorded_dataset",
+    "dataset_for_run",
+    "check_dataset_for_run",
     "training_subset",
     "batch_of",
     "labels_of",
@@ -299,10 +301,12 @@ def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> t
         "subset": {"size": int(size), "seed": int(seed)}}
 
 
-def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: bool = True) -> ImageDataset:
+def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: bool = True,
+                          size: int | None = None) -> ImageDataset:
     """The dataset a run describes (its manifest's ``dataset``): the split ``train``, loaded by name
-    at the recorded image ``size``; for the training split also the recorded ``subset`` (as
-    :func:`training_subset` drew it), so that indices stored in the run point at the same samples.
+    at the recorded image ``size`` (or ``size``); for the training split also the recorded
+    ``subset`` (as :func:`training_subset` drew it), so that indices stored in the run point at the
+    same samples.
 
     Raises ValueError when the record names no dataset i2x can load by name (a user's own data:
     pass it to the Python API instead)."""
@@ -310,11 +314,52 @@ def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: 
     if name not in DATASET_INFO:
         raise ValueError(f"the run was recorded on {name!r}, which i2x cannot load by name (known: "
                          f"{', '.join(sorted(DATASET_INFO))}); pass that dataset through the Python API")
-    data = load_dataset(name, root=root, train=train, size=record.get("size"))
+    data = load_dataset(name, root=root, train=train, size=record.get("size") if size is None else size)
     subset = record.get("subset")
     if train and subset:
         data, _ = training_subset(data, int(subset["size"]), int(subset.get("seed", 0)))
     return data
+
+
+def dataset_for_run(store, name: str | None = None, root: str | os.PathLike | None = None, train: bool = True,
+                    size: int | None = None) -> ImageDataset:
+    """One split of the dataset ``store`` (an :class:`i2x.RunStore`) was recorded on, by name
+    (default: the recorded one), with the run's training subset, checked against the run: its
+    classes, its model's input channels and, for the probe's split, the probe's labels at the
+    probe's positions. Every mismatch is a ValueError saying what to pass instead."""
+    record = store.manifest["dataset"]
+    recorded = record.get("name")
+    name = recorded if name is None else name
+    if recorded in DATASET_INFO and recorded != name:
+        raise ValueError(f"run {store.path} was tracked on {recorded!r}, not {name!r}: pass --data {recorded}")
+    if name == recorded:
+        data = load_recorded_dataset(record, root=root, train=train, size=size)
+    else:
+        data = load_dataset(name, root=root, train=train, size=size)
+    check_dataset_for_run(store, data, probe_split=(data.split == record.get("split", "train")))
+    return data
+
+
+def check_dataset_for_run(store, data, probe_split: bool = True) -> None:
+    """``data`` must fit the run: the same classes, the channels its model takes, and (when it is
+    the probe's split) the probe's labels at the probe's indices."""
+    what = f"dataset {getattr(data, 'name', 'given')!r} ({getattr(data, 'split', '?')})"
+    if list(data.classes) != store.classes:
+        raise ValueError(f"{what} has the classes {list(data.classes)} but the run has {store.classes}: pass the "
+                         "dataset the run was tracked on")
+    spec = store.manifest["model"].get("build") or {}
+    if "in_channels" in spec and int(spec["in_channels"]) != data.images.shape[1]:
+        raise ValueError(f"{what} has {data.images.shape[1]} channel(s) but the run's model takes {spec['in_channels']}")
+    if not probe_split:
+        return
+    idx, labels = store.probe()
+    if int(idx.max()) >= len(data):
+        raise ValueError(f"{what} has {len(data)} samples but the run's probe refers to index {int(idx.max())}: pass "
+                         "the split the run was tracked on")
+    wrong = int((data.labels[idx] != labels).sum())
+    if wrong:
+        raise ValueError(f"{what} does not match the run's probe: {wrong} of its {idx.numel()} samples have other "
+                         "labels; pass the split the run was tracked on")
 
 
 def _normalize_(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:

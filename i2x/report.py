@@ -23,7 +23,6 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -189,22 +188,9 @@ def _grid_at(spec: dict, layer: str, size: int) -> tuple[int, int] | None:
     return tuple(shape[-2:]) if len(shape) == 4 else None
 
 
-def _check_dataset(store: RunStore, data) -> None:
-    """The dataset must be the one the probe indexes: same classes, the probe's labels at its indices."""
-    if list(data.classes) != store.classes:
-        raise ValueError(f"the dataset's classes {list(data.classes)} are not the run's {store.classes}")
-    indices, labels = store.probe()
-    if int(indices.max()) >= len(data):
-        raise ValueError(f"the dataset has {len(data)} samples but the run's probe refers to index {int(indices.max())}")
-    wrong = int((data.labels[indices] != labels).sum())
-    if wrong:
-        raise ValueError(f"{wrong} of the run's {indices.numel()} probe samples have other labels in the dataset")
-
-
 def _load_run_dataset(store: RunStore, data_root) -> tuple[object | None, str | None]:
     """``(dataset, None)``, or ``(None, why)`` as the one line the image panels show instead."""
-    from .cli._common import run_data  # the command line's loader: by name, checked against the run
-    from .data import DATASET_INFO
+    from .data import DATASET_INFO, dataset_for_run
 
     recorded = store.manifest["dataset"]
     name = recorded.get("name")
@@ -212,9 +198,8 @@ def _load_run_dataset(store: RunStore, data_root) -> tuple[object | None, str | 
         return None, (f"images not shown: the run's dataset {name!r} is not one i2x loads by name; pass dataset= to "
                       "write_report")
     try:
-        args = SimpleNamespace(data=name, data_root=data_root, size=image_size(store))
-        data = run_data(store, args, train=recorded.get("split", "train") != "test")
-        _check_dataset(store, data)
+        data = dataset_for_run(store, name, root=data_root, train=recorded.get("split", "train") != "test",
+                               size=image_size(store))
     except FileNotFoundError as e:
         return None, f"images not shown: dataset {name!r} not found ({_one_line(str(e).splitlines()[0])}); pass --data-root"
     except ValueError as e:
@@ -295,7 +280,9 @@ def _load(store: RunStore, label: str, dataset, data_root, experiment: str) -> _
     except FileNotFoundError:
         pass
     if dataset is not None:
-        _check_dataset(store, dataset)
+        from .data import check_dataset_for_run
+
+        check_dataset_for_run(store, dataset)
         r.data = dataset
     elif r.protos is not None or r.targets is not None:
         r.data, r.data_note = _load_run_dataset(store, data_root)

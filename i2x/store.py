@@ -68,6 +68,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# The mode an ordinary open() would give a new file (read once: os.umask can only be read by setting it).
+_FILE_MODE = _file_mode()
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
     path = Path(path)
@@ -75,6 +85,7 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp's 0600 would make the run unreadable to others
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -18,7 +18,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check \
   torch==2.14.1 torchvision==0.29.1 \
   "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
-  "safetensors>=0.4" "scikit-learn>=1.3" tqdm \
+  "safetensors>=0.4" "scikit-learn>=1.3" tqdm "matplotlib>=3.7" \
   "pytest>=8" "pytest-benchmark>=4" expecttest \
   captum grad-cam    # test-only peers: explainer parity is checked against them
 # test-only: tests/_browser.py drives the system Chromium (.ci/run installs it) through Playwright;

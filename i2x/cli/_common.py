@@ -98,36 +98,11 @@ def run_model(store, weights: Path | None, device):
 
 
 def run_data(store, args, train: bool = True):
-    """The run's dataset by name (one split), checked against the run: classes, channels, and for
-    the training split the probe's labels at the probe's positions."""
-    from ..data import DATASET_INFO, load_dataset, load_recorded_dataset
+    """The run's dataset (one split) from ``--data``, ``--data-root`` and ``--size``, checked
+    against the run (:func:`i2x.data.dataset_for_run`)."""
+    from ..data import dataset_for_run
 
-    recorded = store.manifest["dataset"].get("name")
-    if recorded in DATASET_INFO and recorded != args.data:
-        raise ValueError(f"run {store.path} was tracked on {recorded!r}, not {args.data!r}: pass --data {recorded}")
-    record = store.manifest["dataset"]
-    if recorded == args.data and args.size is None:
-        # the same samples the run indexes: its recorded image size and training subset
-        data = load_recorded_dataset(record, root=args.data_root, train=train)
-    else:
-        data = load_dataset(args.data, root=args.data_root, train=train, size=args.size)
-    if list(data.classes) != store.classes:
-        raise ValueError(f"dataset {args.data!r} has the classes {list(data.classes)} but the run has {store.classes}: "
-                         "pass the dataset the run was tracked on")
-    spec = store.manifest["model"].get("build") or {}
-    if "in_channels" in spec and int(spec["in_channels"]) != data.images.shape[1]:
-        raise ValueError(f"dataset {args.data!r} has {data.images.shape[1]} channel(s) but the run's model takes "
-                         f"{spec['in_channels']}")
-    if train and store.manifest["dataset"].get("split") == "train":
-        idx, labels = store.probe()
-        if int(idx.max()) >= len(data):
-            raise ValueError(f"dataset {args.data!r} (train) has {len(data)} samples but the run's probe refers to "
-                             f"index {int(idx.max())}: pass the training set the run was tracked on")
-        wrong = int((data.labels[idx] != labels).sum())
-        if wrong:
-            raise ValueError(f"dataset {args.data!r} (train) does not match the run's probe: {wrong} of its "
-                             f"{idx.numel()} samples have other labels; pass the training set the run was tracked on")
-    return data
+    return dataset_for_run(store, args.data, root=args.data_root, train=train, size=args.size)
 
 
 def check_grid(model, store, data, device) -> None:
