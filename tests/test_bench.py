@@ -8,7 +8,6 @@ amount.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import statistics
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from i2x import bench as B
+from i2x.cli import main
 
 HAS_CAPTUM = importlib.util.find_spec("captum") is not None
 HAS_GRAD_CAM = importlib.util.find_spec("pytorch_grad_cam") is not None
@@ -216,35 +216,35 @@ def test_bfloat16_on_cpu_runs_under_autocast():
 # The command
 
 
-def _parser():
-    """The real ``i2x`` parser when the CLI package lists ``bench``, else the module's own
-    ``register`` under a stand-in parser."""
-    try:
-        from i2x.cli import build_parser
-
-        return build_parser()
-    except (ImportError, AttributeError):
-        from i2x.cli import bench as cli_bench
-
-        parser = argparse.ArgumentParser(prog="i2x")
-        cli_bench.register(parser.add_subparsers(dest="command", required=True))
-        return parser
+def _run(argv, capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
 
 
 def test_cli_bench_json(capsys):
-    args = _parser().parse_args(["bench", SPEC, "--batch", "2", "--size", "32", "--repeats", "2", "--no-captum",
-                                 "--json"])
-    assert args.handler(args) == 0
-    out = json.loads(capsys.readouterr().out)
+    rc, stdout, err = _run(["bench", SPEC, "--batch", "2", "--size", "32", "--repeats", "2", "--no-captum", "--json"],
+                           capsys)
+    assert rc == 0, err
+    out = json.loads(stdout)
     assert out["input"] == [2, 3, 32, 32] and out["repeats"] == 2
     assert B.CAPTUM not in [r["name"] for r in out["rows"]]
 
 
 def test_cli_bench_table(capsys):
-    args = _parser().parse_args(["bench", SPEC, "--batch", "1", "--size", "32", "--repeats", "1", "--no-captum"])
-    assert args.handler(args) == 0
-    out = capsys.readouterr().out
+    rc, out, err = _run(["bench", SPEC, "--batch", "1", "--size", "32", "--repeats", "1", "--no-captum"], capsys)
+    assert rc == 0, err
     assert out.startswith("i2x bench: ") and f"| {B.TRAIN_I2X} |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "resnet19"], "did you mean 'resnet18'"),
+    (["bench", SPEC, "--dtype", "float8"], "dtype"),
+    (["bench", SPEC, "--size", "1"], "size"),
+])
+def test_cli_bench_input_errors_exit_2(argv, message, capsys):
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and err.startswith("i2x bench: error:") and message in err and "Traceback" not in err
 
 
 def test_cli_bench_help_does_not_import_torch():

@@ -10,9 +10,7 @@ over the total.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from safetensors.torch import load_file
 
 import i2x
 from i2x import reference
+from i2x.cli import main
 from i2x.data import DATASET_INFO, load_dataset, make_loader
 from i2x.models import rebuild_model
 
@@ -102,37 +101,9 @@ def _reference_explanation(model, layer, x):
     return logits.detach(), reference.cam(a.detach(), a.grad, "gradcam", relu=True), a.detach()
 
 
-def _parser():
-    """The real ``i2x`` parser once the CLI package lists ``explain``, else this module's own
-    ``register`` under a stand-in parser."""
-    try:
-        from i2x.cli import build_parser
-
-        return build_parser()
-    except (ImportError, AttributeError):
-        from i2x.cli import explain
-
-        parser = argparse.ArgumentParser(prog="i2x")
-        explain.register(parser.add_subparsers(dest="command", required=True))
-        return parser
-
-
 def cli(argv, capsys):
-    """Run ``i2x ARGV``: (status, stdout, stderr). Through ``i2x.cli.main`` when it can be built;
-    else the handler under the stand-in parser, with input errors as status 2 (main's rule)."""
-    try:
-        from i2x.cli import build_parser, main
-
-        build_parser()
-    except (ImportError, AttributeError):
-        args = _parser().parse_args(argv)
-        try:
-            rc = args.handler(args)
-        except (ValueError, TypeError, LookupError, FileNotFoundError, NotADirectoryError) as e:
-            print(f"i2x explain: error: {' '.join(str(e).split())}", file=sys.stderr)
-            rc = 2
-    else:
-        rc = main(argv)
+    """Run ``i2x ARGV`` through ``i2x.cli.main``: (status, stdout, stderr)."""
+    rc = main(argv)
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
