@@ -29,7 +29,8 @@ import types
 _EXPORTS = {
     "build_info": "_loader",
     **{m: m for m in ("ops", "reference", "metrics", "data", "models", "store", "track", "prototypes", "analysis",
-                      "curate", "strategies", "penalty", "report")},
+                      "curate", "strategies", "penalty", "report", "pipeline", "bench",
+                      "explain_files")},
     "Explainer": "cam", "Captured": "cam", "swin_reshape": "cam", "vit_reshape": "cam",
     "load_dataset": "data",
     "build_model": "models",

@@ -538,5 +538,12 @@ def _open_results(folder: Path, config: dict, store: RunStore, pair) -> dict:
 
 
 def _write(folder: Path, results: dict) -> None:
-    _atomic_write_json(folder / "results.json", results)
+    path = folder / "results.json"
+    if path.exists():
+        try:
+            if json.loads(path.read_text()) == json.loads(json.dumps(results)):
+                return  # a resume that computed nothing leaves the files (and their times) alone
+        except (OSError, ValueError):
+            pass
+    _atomic_write_json(path, results)
     atomic_write_bytes(folder / "results.md", results_markdown(results).encode())

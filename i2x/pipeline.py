@@ -169,6 +169,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
                                 dataset_record=record, device=device)
     lap("train")
 
+    store = RunStore.open(folder)  # the stages below write through their own store objects
     previous = store.read_json("demo") if store.has("demo") else {}
     base = previous.get("evaluation")
     if base is None or base.get("n") != len(test):
@@ -178,7 +179,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     if not store.has("analysis"):
         _progress.log("i2x demo: analysis: beta^t, groups, timeline, uncertain prototypes")
         analyze(store.path)
-    analysis = store.read_json("analysis")
+    analysis = store.refresh().read_json("analysis")
     lap("analysis")
 
     pair_entry = (analysis.get("uncertainty") or [None])[0]
@@ -200,6 +201,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
             except NothingToCurate as e:
                 targets_summary = {"status": "nothing_to_curate", "message": str(e)}
         lap("targets")
+        store.refresh()
         _progress.log(f"i2x demo: experiment: {len(plan.arms)} arms x {plan.seeds} seed(s), one epoch per stage")
         results = experiment(store.path, model, train, test, arms=plan.arms, seeds=plan.seeds,
                              batch_size=plan.batch_size, device=device, progress=True,
@@ -215,7 +217,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         "best_arm": _best_arm(results),
         "timings": {**previous.get("timings", {}), **timings},
     }
-    store.write_json("demo", _json_clean(summary))
+    store.refresh().write_json("demo", _json_clean(summary))
     if report:
         from .report import write_report
 

@@ -321,10 +321,13 @@ class RunStore:
         _atomic_save_tensors(self.path / rel, {"saliency": sal16, "probs": probs.detach().float()})
         entry = {"step": step, "file": rel, "final": bool(final), "written": _now(), **dict(extra or {})}
         _json_safe(entry, "checkpoint entry")
-        self._manifest["grid"] = grid
-        self._manifest["checkpoints"] = [c for c in self._manifest["checkpoints"] if int(c["step"]) != step] + [entry]
-        self._manifest["checkpoints"].sort(key=lambda c: int(c["step"]))
-        self._write_manifest()
+
+        def add(manifest):
+            manifest["grid"] = grid
+            manifest["checkpoints"] = [c for c in manifest["checkpoints"] if int(c["step"]) != step] + [entry]
+            manifest["checkpoints"].sort(key=lambda c: int(c["step"]))
+
+        self._update_manifest(add)
 
     def load_checkpoint(self, step: int) -> dict[str, torch.Tensor]:
         """``{"saliency": [N, h, w] float16, "probs": [N, M] float32}`` of a finished step."""
@@ -406,9 +409,9 @@ class RunStore:
         return name in self._manifest.get("stages", {})
 
     def update_schedule(self, schedule: Mapping) -> None:
-        self._manifest["schedule"] = dict(schedule)
-        _json_safe(self._manifest["schedule"], "schedule")
-        self._write_manifest()
+        schedule = dict(schedule)
+        _json_safe(schedule, "schedule")
+        self._update_manifest(lambda manifest: manifest.__setitem__("schedule", schedule))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -416,7 +419,22 @@ class RunStore:
         """Note in the manifest that stage ``name`` wrote its files (``record``: what to say of it)."""
         rec = {"written": _now(), **dict(record or {})}
         _json_safe(rec, f"record of {name}")
-        self._manifest.setdefault("stages", {})[name] = rec
+        self._update_manifest(lambda manifest: manifest.setdefault("stages", {}).__setitem__(name, rec))
+
+    def refresh(self) -> "RunStore":
+        """Read the manifest again (another store object, or another process, may have written
+        stages since this one was opened)."""
+        self._manifest = _read_manifest(self.path)
+        return self
+
+    def _update_manifest(self, change) -> None:
+        """Read-modify-write of the manifest under the writer's lock: re-read first, so that two
+        store objects of one process (say a Tracker's and the analysis') never drop each other's
+        records."""
+        self.lock_for_writing()
+        if (self.path / MANIFEST).exists():
+            self.refresh()
+        change(self._manifest)
         self._write_manifest()
 
     def _write_manifest(self) -> None:
