@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up the environment and runs the main job. Until `i2x demo` exists this prints the build
-# info and the kernel benchmark table (i2x ops vs their eager-torch composites).
+# Sets up the environment (scripts/setup.sh) and runs the main job: `i2x demo` on the default data
+# (Fashion-MNIST when found, else scikit-learn's digits). Arguments go to `i2x demo`, e.g. --quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Spin-waiting OpenMP threads make torch crawl when another process shares the cores.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-exec .venv/bin/python -P benchmarks/run_ops_table.py "$@"
+exec .venv/bin/i2x demo "$@"
