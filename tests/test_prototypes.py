@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -492,7 +494,17 @@ def test_feature_batches_must_be_a_fresh_callable():
         fit_prototypes(changing, n_prototypes=2)
 
 
-def test_progress_bars(capsys):
+def test_progress_bars(capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
     fit_prototypes(lambda: [small_features()], n_prototypes=2, progress=True)
-    err = capsys.readouterr().err
+    err = term.getvalue()
     assert "prototypes: covariance" in err and "prototypes: projection" in err and "prototypes: k-means" in err
+    # Off a terminal (pytest's captured stderr) the same call draws nothing.
+    monkeypatch.undo()
+    fit_prototypes(lambda: [small_features()], n_prototypes=2, progress=True)
+    assert "prototypes:" not in capsys.readouterr().err

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import COMMON, positive_int
+from ._common import COMMON, non_negative_int, positive_int
 
 
 def register(sub) -> None:
@@ -27,22 +27,12 @@ def register(sub) -> None:
                                                  "module with a 4-D output)")
     p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, xgradcam, layercam or hirescam")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (default 5)")
-    p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="head size of a torchvision model (default its own)")
     p.add_argument("--no-captum", dest="captum", action="store_false",
                    help="leave out the captum and pytorch-grad-cam rows")
     p.set_defaults(handler=run)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def run(args) -> int:
