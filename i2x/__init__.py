@@ -29,7 +29,7 @@ import types
 _EXPORTS = {
     "build_info": "_loader",
     **{m: m for m in ("ops", "reference", "metrics", "data", "models", "store", "track", "prototypes", "analysis",
-                      "curate", "strategies", "penalty", "report", "pipeline", "bench",
+                      "curate", "strategies", "penalty", "report", "pipeline", "bench", "readings",
                       "explain_files")},
     "Explainer": "cam", "Captured": "cam", "swin_reshape": "cam", "vit_reshape": "cam",
     "load_dataset": "data",

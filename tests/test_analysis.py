@@ -18,6 +18,7 @@ import torch
 from sklearn.cluster import HDBSCAN
 from sklearn.linear_model import Ridge
 
+import i2x.readings
 import i2x.store
 from i2x import analysis as an
 from i2x.store import RunStore, RunStoreError
@@ -447,7 +448,7 @@ def test_register_a_named_score():
         with pytest.raises(ValueError, match="already registered"):
             an.register_uncertainty_score("test_peak", abs, "x")
     finally:
-        an._SCORES.pop("test_peak", None)
+        i2x.readings._SCORES.pop("test_peak", None)
 
 
 def test_swing_score_hand_computed():

@@ -4,7 +4,6 @@ with and without i2x's in-loop path). The work is :func:`i2x.bench.bench`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from ._common import COMMON, non_negative_int, positive_int

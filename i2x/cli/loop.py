@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ._common import (COMMON, add_model_data_options, check_grid, class_index, class_label, int_list, key_value,
                       open_run, positive_int, run_data, run_model)
