@@ -50,7 +50,8 @@ class DemoPlan:
     batch_size: int = 128
 
 
-# Measured on 2 CPU cores (docs/demo.md): about 4-5 minutes for "default", under a minute for "quick".
+# Measured on 2 CPU cores (benchmarks/RESULTS.md): 2 min 14 s for "default" where the CPU has native
+# bfloat16 (about 6 min estimated in float32), 37 s for "quick".
 DEMO_PLANS = {
     "default": DemoPlan(train_size=12_000, test_size=None, epochs=4, min_steps=400, probe_size=2_000, n_prototypes=16,
                         arms=("full->full", "curated->full", "transplanted->full", "random->full", "hard->full"),
