@@ -130,11 +130,12 @@ def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epoch
 
 def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | None = None, root=None,
          arms=None, seeds: int | None = None, train_size: int | None = None, epochs: int | None = None,
-         device=None, report: bool = True) -> dict:
+         device=None, precision: str = "auto", report: bool = True) -> dict:
     """The whole method on the default data (see the module docstring), resumable.
 
     quick: the small plan (under two minutes on 2 cores); full: every arm and 5 seeds.
-    arms / seeds / train_size / epochs override the plan. Returns the summary dict (also
+    arms / seeds / train_size / epochs override the plan; precision ("auto", "bf16", "fp32") is
+    the training loop's, for the base model and every fine-tuning cell. Returns the summary dict (also
     written to ``FOLDER/demo.json``); :func:`summary_lines` turns it into the five lines."""
     from .analysis import analyze
     from .curate import NothingToCurate, find_targets
@@ -167,7 +168,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
                   f"tracking {min(plan.probe_size, len(train))} probe images")
     store, model, _ = train_run(folder, train, epochs=epochs_needed, probe_size=plan.probe_size,
                                 n_prototypes=plan.n_prototypes, batch_size=plan.batch_size,
-                                dataset_record=record, device=device)
+                                dataset_record=record, device=device, precision=precision)
     lap("train")
 
     store = RunStore.open(folder)  # the stages below write through their own store objects
@@ -205,7 +206,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         store.refresh()
         _progress.log(f"i2x demo: experiment: {len(plan.arms)} arms x {plan.seeds} seed(s), one epoch per stage")
         results = experiment(store.path, model, train, test, arms=plan.arms, seeds=plan.seeds,
-                             batch_size=plan.batch_size, device=device, progress=True,
+                             batch_size=plan.batch_size, precision=precision, device=device, progress=True,
                              log=lambda line: _progress.log(f"  {line}"))
         lap("experiment")
 

@@ -28,6 +28,8 @@ def register(sub) -> None:
     demo.add_argument("--train-size", type=positive_int, default=None, help="training images (a stratified subset)")
     demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    demo.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                      help="the training loop's precision (auto: bfloat16 autocast where the CPU has it)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(handler=_demo)
 
@@ -59,7 +61,7 @@ def _demo(args) -> int:
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
     summary = demo(args.folder, quick=args.quick, full=args.full, data=args.data, root=args.data_root, arms=arms,
                    seeds=args.seeds, train_size=args.train_size, epochs=args.epochs, device=args.device,
-                   report=not args.no_report)
+                   precision=args.precision, report=not args.no_report)
 
     def text() -> str:
         where = [f"run     {summary['run']}"]
