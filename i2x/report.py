@@ -322,9 +322,17 @@ class Report:
 
     def write(self, out=None) -> Path:
         """Write the page atomically to ``out`` (default ``RUN/report/index.html``)."""
-        path = Path(out) if out is not None else self.run / "report" / "index.html"
-        atomic_write_bytes(path, self.html.encode("utf-8"))
-        return path
+        if out is None:
+            # Inside the run: as its writer, so a second process never interleaves with another one.
+            store = RunStore.open(self.run).lock_for_writing()
+            path = self.run / "report" / "index.html"
+            try:
+                atomic_write_bytes(path, self.html.encode("utf-8"))
+            finally:
+                store.release()
+            return path
+        atomic_write_bytes(Path(out), self.html.encode("utf-8"))
+        return Path(out)
 
 
 def write_report(run, *, dataset=None, experiment: str = "experiment", out=None, progress: bool = False,
