@@ -146,3 +146,22 @@ def test_the_demo_report_renders_in_chromium(demo, tmp_path):
     for img in seen["images"]:
         assert img["complete"] and img["decoded"] and img["naturalWidth"] > 0 and img["naturalHeight"] > 0, img
     assert shot.stat().st_size > 10_000
+
+
+def test_without_fashion_mnist_the_demo_data_are_the_digits_and_it_says_so(monkeypatch):
+    from i2x import pipeline
+
+    real = pipeline.load_dataset
+
+    def no_fashion(name, *args, **kwargs):
+        if name == "fashion-mnist":
+            raise FileNotFoundError("fashion-mnist: looked in ... (test)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_dataset", no_fashion)
+    train, test, why = pipeline.default_data()
+    assert train.name == test.name == "digits" and train.split == "train" and test.split == "test"
+    assert tuple(train.image_shape) == (1, 28, 28)
+    assert why.startswith("digits") and "Fashion-MNIST was not found" in why
+    named, _, why_named = pipeline.default_data("digits")
+    assert named.name == "digits" and why_named == "digits (as asked)"
