@@ -81,17 +81,24 @@ _FILE_MODE = _file_mode()
 def _atomic_write(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, _FILE_MODE)  # mkstemp's 0600 would make the run unreadable to others
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            # A full disk or a failed write: the old file (if any) is untouched; say which file.
+            why = getattr(e, "strerror", None) or str(e)
+            raise OSError(getattr(e, "errno", None), f"could not write {path}: {why}; the previous version (if "
+                                                     "any) is kept") from e
         raise
     _fsync_dir(path.parent)
 
