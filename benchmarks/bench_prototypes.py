@@ -34,6 +34,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -246,13 +247,57 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_sweep(case: DiscoveryCase, seeds: int) -> list[dict]:
+    """i2x's k-means and scikit-learn's KMeans on the same subsample, one k-means++ seed each per
+    row (both ``n_init`` starts), inertia over all positions: does one seed's local optimum say who
+    clusters better?"""
+    from sklearn.cluster import KMeans
+
+    s = make_setup(case)
+    rows = []
+    for seed in range(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        started = time.perf_counter()
+        centroids, _ = _prototypes._kmeans(s.subsample, case.k, generator, case.n_init, case.max_iter, case.tol, False)
+        ours_s = time.perf_counter() - started
+        started = time.perf_counter()
+        km = KMeans(n_clusters=case.k, init="k-means++", n_init=case.n_init, random_state=seed, max_iter=case.max_iter,
+                    tol=case.tol).fit(s.subsample.numpy())
+        theirs_s = time.perf_counter() - started
+        inertia = {}
+        for name, c in (("i2x", centroids), ("sklearn", torch.from_numpy(km.cluster_centers_).float())):
+            _, distance = ops.prototype_assign(s.projected, c, return_distances=True)
+            inertia[name] = float(distance.sum(dtype=torch.float64))
+        rows.append({"seed": seed, "i2x_s": ours_s, "sklearn_s": theirs_s, "i2x_inertia": inertia["i2x"],
+                     "sklearn_inertia": inertia["sklearn"]})
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    lines = ["| seed | i2x k-means s | sklearn KMeans s | i2x inertia | sklearn inertia | i2x / sklearn |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['i2x_s']:.1f} | {r['sklearn_s']:.1f} | {r['i2x_inertia']:.6g} | "
+                     f"{r['sklearn_inertia']:.6g} | {r['i2x_inertia'] / r['sklearn_inertia']:.4f} |")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("i2x_s", "sklearn_s", "i2x_inertia", "sklearn_inertia")}
+    lines.append(f"| mean | {mean['i2x_s']:.1f} | {mean['sklearn_s']:.1f} | {mean['i2x_inertia']:.6g} | "
+                 f"{mean['sklearn_inertia']:.6g} | {mean['i2x_inertia'] / mean['sklearn_inertia']:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=DiscoveryCase.samples, help="probe samples (x 7 x 7 positions)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--sweep-seeds", type=int, default=0,
+                        help="instead: k-means alone, i2x vs scikit-learn, over this many k-means++ seeds")
     args = parser.parse_args(argv)
     case = DiscoveryCase(samples=args.samples)
+    if args.sweep_seeds:
+        print(f"Command: `python -P benchmarks/bench_prototypes.py --sweep-seeds {args.sweep_seeds}`\n")
+        print(format_sweep(seed_sweep(case, args.sweep_seeds)))
+        return 0
     rows = discovery_table(args.repeats, case, memory=not args.skip_memory)
     print(f"\n### Prototype discovery on cpu\n\nMachine: {machine_line('cpu')}.\n"
           f"{case.samples} samples x {case.channels} x {case.grid}x{case.grid} = {case.positions} positions (synthetic, "
