@@ -61,11 +61,18 @@ def swin_reshape(features: torch.Tensor) -> torch.Tensor:
 # Layer lookup
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(model)`` (the same parameters), else ``model``."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
 def _strip_wrapper(model: nn.Module) -> nn.Module:
-    """The user's model inside DataParallel / DistributedDataParallel."""
+    """The user's model inside DataParallel / DistributedDataParallel and ``torch.compile``."""
+    model = _uncompiled(model)
     inner = getattr(model, "module", None)
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) and isinstance(inner, nn.Module):
-        return inner
+        return _uncompiled(inner)
     return model
 
 
@@ -246,7 +253,10 @@ class Explainer:
             raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}; got {method!r}")
         if reshape is not None and not callable(reshape):
             raise TypeError(f"reshape must be callable or None, got {type(reshape).__name__}")
-        self.model = model
+        # A compiled model is explained through its eager module: the same parameters, exact
+        # gradients at the layer, and no recompilation for the explainer's hooks.
+        self.model = _uncompiled(model)
+        self._compiled = self.model is not model
         self.method = method
         self.reshape = reshape
         self._layers: list[tuple[str, nn.Module]] | None = None
@@ -254,7 +264,10 @@ class Explainer:
             specs = list(layer) if isinstance(layer, (list, tuple)) else [layer]
             if not specs:
                 raise ValueError("layer: an empty list; give at least one layer or None")
-            self._layers = [_resolve_layer(model, s) for s in specs]
+            # "_orig_mod.layer4" (a name taken from the compiled model) is "layer4" of the eager one
+            specs = [s[len("_orig_mod."):] if self.model is not model and isinstance(s, str)
+                     and s.startswith("_orig_mod.") else s for s in specs]
+            self._layers = [_resolve_layer(self.model, s) for s in specs]
 
     @property
     def layer_names(self) -> list[str] | None:
@@ -386,6 +399,11 @@ class Explainer:
         cams = []
         for (name, _), act, grad in zip(self._layers, activations, grads):
             if grad is None:
+                if self._compiled:
+                    raise RuntimeError(
+                        f"no gradient reaches layer {name!r} from these logits: a torch.compile'd forward keeps no "
+                        "layer output in its autograd graph, so capture() cannot see inside it. Run the eager "
+                        "model (compiled._orig_mod) under capture(), or use explainer.explain(x), which does")
                 raise RuntimeError(f"layer {name!r} does not influence the target scores; no gradient reaches it")
             # Half-precision layers (autocast) are weighted in float32: a bf16 map in [0, 1] would
             # keep only 8 bits.
