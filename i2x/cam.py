@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .reference import CAM_METHODS
-from ._util import profiled
+from ._util import describe, profiled
 
 __all__ = ["Explainer", "Captured", "vit_reshape", "swin_reshape"]
 
@@ -312,9 +312,10 @@ class Explainer:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:
             return self._empty_result(x, size, return_logits)
+        check_input_device(self.model, x)
         layers = self._ensure_layers(x)
         with _Hooks(layers, "explain") as hooks, torch.no_grad():
-            logits = self.model(x)
+            logits = checked_forward(self.model, x)
         activations = hooks.activations()
         maps = self._maps(activations, logits, targets, tuple(x.shape[-2:]), size, normalize, retain_graph=False)
         return (maps, _detach_output(logits)) if return_logits else maps
@@ -388,6 +389,11 @@ class Explainer:
     # -- shared machinery ---------------------------------------------------------------------
 
     def _maps(self, activations, logits, targets, image_hw, size, normalize, retain_graph):
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+            bad = int((~torch.isfinite(logits.detach())).flatten(1).any(1).sum()) if logits.dim() > 1 else 0
+            if bad:
+                raise ValueError(f"the model's output (logits) holds NaN or inf for {bad} of the {logits.shape[0]} "
+                                 "images: nothing to explain; check the model and its input")
         with torch.enable_grad():  # the caller may be under no_grad; the scores need a graph
             total = _target_scores(logits, targets).sum()
         if not total.requires_grad:
@@ -459,6 +465,27 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def check_input_device(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
+    """A clear error, before any work, when the model's parameters and the input live apart."""
+    device = model_device(model)
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {device}: move one of them "
+                         f"(model.to({str(x.device)!r}) or {name}.to({str(device)!r}))")
+
+
+def checked_forward(model: nn.Module, x: torch.Tensor, name: str = "x"):
+    """``model(x)``; a forward that fails on the input's shape (wrong channels or image size) is
+    reported as a ValueError naming the input's shape, with torch's own message."""
+    try:
+        return model(x)
+    except RuntimeError as e:
+        text = str(e)
+        if any(word in text for word in ("channels", "size", "shape", "dimension", "mat1 and mat2")):
+            raise ValueError(f"{name}: the model cannot take a {describe(x)} ({' '.join(text.split())}); "
+                             "give images of the size and channels it was built for") from e
+        raise
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ._util import check_int, check_number, describe as _describe, eval_mode
-from .cam import _strip_wrapper, model_device
+from .cam import _strip_wrapper, checked_forward, model_device
 from .data import batch_of, labels_of, stratified_subset
 from .penalty import ExplanationPenalty
 from .strategies import epoch_permutation
@@ -209,8 +209,10 @@ def fit(
                         with penalty.explainer.capture() as captured:
                             logits = model(x)
                     else:
-                        logits = model(x)
+                        logits = checked_forward(model, x, "images")
                 logits = logits.float()
+                if step == 0:
+                    _check_labels(y, logits)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the training loss became {float(loss.detach())} at step {step + 1}: lower the "
@@ -238,6 +240,16 @@ def fit(
             model.to(memory_format=torch.contiguous_format)
     return FitStats(step, samples, time.perf_counter() - started, loss_sum / max(step, 1), pen_sum / max(step, 1),
                     prec, cl)
+
+
+def _check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:
+    """Labels the model has no output for, as one clear error (cross_entropy's is an IndexError
+    deep inside, or a device assert on CUDA)."""
+    if logits.dim() != 2:
+        raise ValueError(f"the model's output must be [batch, classes] logits, got shape {list(logits.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise ValueError(f"labels: the model has {logits.shape[1]} outputs but the data hold labels from "
+                         f"{int(y.min())} to {int(y.max())}")
 
 
 def _steps_per_epoch(data, sampler, order, batch_size: int) -> int:
@@ -327,7 +339,7 @@ def evaluate(model: nn.Module, data, calibration: torch.Tensor | None = None, ba
     preds, labels = [], []
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module), torch.no_grad():
         for _, x, y in _epoch_batches(data, None, None, batch_size, 0, 0, shuffle=False):
-            logits = module(x.to(device)).float()
+            logits = checked_forward(module, x.to(device), "images").float()
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError("the model's output holds NaN or inf on the evaluation data")
             preds.append(logits.argmax(1).cpu())

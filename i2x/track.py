@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import describe as _describe, eval_mode, profiled
-from .cam import Explainer, _strip_wrapper, model_device
+from .cam import Explainer, _strip_wrapper, checked_forward, model_device
 from .data import stratified_subset
 from . import _progress
 from .store import RunStore, RunStoreError
@@ -232,7 +232,7 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
                 # full one.
                 for m in norms:
                     m.momentum = batch.shape[0] / (start + batch.shape[0])
-                model(batch.to(device, non_blocking=True))
+                checked_forward(model, batch.to(device, non_blocking=True), "probe images")
         yield
     finally:
         with torch.no_grad():
