@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
 
 from ._util import describe as _describe
 
@@ -708,10 +708,17 @@ def batch_of(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def labels_of(dataset) -> torch.Tensor:
-    """``[N]`` int64 labels of any ``(image, label)`` dataset (read from ``.labels`` where it has them)."""
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, torch.Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
-        return labels.long()
+    """``[N]`` int64 labels of any ``(image, label)`` dataset: its ``.labels`` / ``.targets`` (i2x's
+    and torchvision's), a ``TensorDataset``'s second tensor, a ``Subset``'s parent's at its
+    indices, and item by item otherwise."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2 and dataset.tensors[1].dim() == 1:
+        return dataset.tensors[1].long()
+    for attr in ("labels", "targets"):  # i2x's / torchvision's names for them
+        labels = getattr(dataset, attr, None)
+        if isinstance(labels, (list, tuple, np.ndarray)) and len(labels) == len(dataset):
+            labels = torch.as_tensor(np.asarray(labels))
+        if isinstance(labels, torch.Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
+            return labels.long()
     if isinstance(dataset, Subset):
         return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)

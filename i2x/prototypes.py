@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ._progress import bar as _bar
+from .streamed import StreamedImages
 
 from . import ops
 from ._util import eval_mode, profiled
@@ -296,6 +297,8 @@ class _ImageSource:
     def batch(self, start: int, stop: int) -> torch.Tensor:
         if isinstance(self.images, torch.Tensor):
             return self.images[start:stop]
+        if isinstance(self.images, StreamedImages):  # a streamed probe: through its DataLoader
+            return self.images.load(start, stop)
         items = []
         for i in range(start, stop):
             item = self.images[i]

@@ -38,6 +38,7 @@ from ._util import describe as _describe, eval_mode, profiled
 from .cam import Explainer, _strip_wrapper, checked_forward, model_device
 from .data import stratified_subset
 from . import _progress
+from .streamed import StreamedImages, iter_batches
 from .store import RunStore, RunStoreError
 
 __all__ = [
@@ -64,7 +65,8 @@ class Probe:
     """The samples every checkpoint is explained on.
 
     Attributes:
-        images: ``[N, C, H, W]`` model-ready inputs.
+        images: ``[N, C, H, W]`` model-ready inputs, or a :class:`i2x.streamed.StreamedImages`
+            view of a dataset (``from_dataset`` on any torch Dataset): read a batch at a time.
         labels: ``[N]`` int64 true classes.
         classes: the ``M`` class names.
         indices: ``[N]`` int64 positions in the source dataset (recorded in the run).
@@ -78,8 +80,9 @@ class Probe:
     dataset: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.images, torch.Tensor) or self.images.dim() < 2:
-            raise ValueError(f"probe images: expected a [N, C, H, W] tensor, got {_describe(self.images)}")
+        if not isinstance(self.images, (torch.Tensor, StreamedImages)) or self.images.dim() < 2:
+            raise ValueError(f"probe images: expected a [N, C, H, W] tensor (or i2x.streamed.StreamedImages), got "
+                             f"{_describe(self.images)}")
         if not self.images.is_floating_point():
             raise TypeError(f"probe images: expected a floating-point tensor, got {self.images.dtype}")
         labels = torch.as_tensor(self.labels)
@@ -106,22 +109,43 @@ class Probe:
         return int(self.labels.numel())
 
     @classmethod
-    def from_dataset(cls, dataset, size: int | None = None, seed: int = 0) -> "Probe":
-        """A stratified, seeded subset of ``size`` samples (all when None) of an ``i2x.data`` dataset
-        (anything with ``images``, ``labels`` and ``classes``)."""
-        for attr in ("images", "labels", "classes"):
-            if not hasattr(dataset, attr):
-                raise TypeError(f"dataset: expected an object with .images, .labels and .classes (i2x.data), "
-                                f"got {type(dataset).__name__} without .{attr}")
-        labels = torch.as_tensor(dataset.labels)
+    def from_dataset(cls, dataset, size: int | None = None, seed: int = 0, *, classes: Sequence[str] | None = None,
+                     num_workers: int = 0, pin_memory: bool = False) -> "Probe":
+        """A stratified, seeded subset of ``size`` samples (all when None) of a dataset.
+
+        An ``i2x.data`` dataset (``images``, ``labels``, ``classes`` held as tensors) gives its
+        images directly. Any other map-style ``torch.utils.data.Dataset`` of ``(image, label)``
+        items (torchvision datasets, ``TensorDataset``, ``ImageFolder``, a ``Subset`` of one, a
+        user's own) is streamed: the probe keeps the indices and labels, and every use reads the
+        images through a ``DataLoader`` (``num_workers``, ``pin_memory``) a batch at a time, so
+        they are never all in memory. Labels come from ``.targets`` / ``.labels`` where the
+        dataset has them (read item by item otherwise); class names from ``classes``, the
+        dataset's ``.classes``, or ``"0".."M-1"``."""
+        from .data import labels_of
+
+        if all(hasattr(dataset, a) for a in ("images", "labels", "classes")) and isinstance(dataset.images, torch.Tensor):
+            labels = torch.as_tensor(dataset.labels)
+            source, names, name = dataset.images, list(classes or dataset.classes), getattr(dataset, "name", "custom")
+        elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+            labels = labels_of(dataset)
+            if not labels.numel():
+                raise ValueError("dataset: it is empty; a probe needs samples")
+            names = list(classes) if classes is not None else list(getattr(_root(dataset), "classes", []) or [])
+            names = names or [str(c) for c in range(int(labels.max()) + 1)]
+            source, name = None, type(_root(dataset)).__name__
+        else:
+            raise TypeError(f"dataset: expected a map-style torch Dataset of (image, label) items, got "
+                            f"{type(dataset).__name__}")
         idx = torch.arange(labels.numel()) if size is None else stratified_subset(labels, size, seed=seed)
+        images = (source[idx] if source is not None else
+                  StreamedImages(dataset, idx, num_workers=num_workers, pin_memory=pin_memory))
         description = {
-            "name": str(getattr(dataset, "name", "custom")),
+            "name": str(name),
             "split": str(getattr(dataset, "split", "")),
             "probe_seed": int(seed),
             "probe_size_requested": None if size is None else int(size),
         }
-        return cls(dataset.images[idx], labels[idx], list(dataset.classes), idx, description)
+        return cls(images, labels[idx], names, idx, description)
 
     def shard(self, rank: int, world: int) -> tuple[int, int]:
         """``[start, stop)`` of this rank's contiguous share (the first ranks take one more)."""
@@ -139,12 +163,19 @@ def _as_probe(probe, classes) -> Probe:
         if classes is None:
             classes = [str(c) for c in range(int(torch.as_tensor(labels).max()) + 1)]
         return Probe(images, torch.as_tensor(labels), list(classes))
-    if all(hasattr(probe, a) for a in ("images", "labels", "classes")):
-        return Probe.from_dataset(probe)
+    if isinstance(probe, torch.utils.data.Dataset) or all(hasattr(probe, a) for a in ("images", "labels", "classes")):
+        return Probe.from_dataset(probe, classes=classes)
     raise TypeError(
-        "probe: expected an i2x.Probe, an i2x.data dataset, or an (images [N,C,H,W], labels [N]) pair; "
-        f"got {type(probe).__name__}"
+        "probe: expected an i2x.Probe, a map-style torch Dataset of (image, label) items, or an (images "
+        f"[N,C,H,W], labels [N]) pair; got {type(probe).__name__}"
     )
+
+
+def _root(dataset):
+    """The dataset under (nested) ``Subset`` wrappers, for its class names and its name."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,8 +256,7 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
             for m in norms:
                 m.reset_running_stats()
                 m.train()
-            for start in range(0, images.shape[0], batch_size):
-                batch = images[start:start + batch_size]
+            for start, batch in iter_batches(images, batch_size):
                 # A momentum of b / (seen + b) makes the running statistics the sample-weighted
                 # mean over the batches: a short last batch counts for its size, not as much as a
                 # full one.
@@ -270,9 +300,9 @@ def record_checkpoint(
 def _explain_eval(explainer, images, labels, batch_size, device):
     saliency, probs = [], []
     with eval_mode(explainer.model):
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device, non_blocking=True)
-            y = labels[start:start + batch_size].to(device, non_blocking=True)
+        for start, x in iter_batches(images, batch_size):
+            x = x.to(device, non_blocking=True)
+            y = labels[start:start + x.shape[0]].to(device, non_blocking=True)
             grid, logits = explainer.explain(x, targets=y, size=None, normalize=False, return_logits=True)
             saliency.append(grid.float().cpu())
             probs.append(F.softmax(logits.float(), dim=1).cpu())

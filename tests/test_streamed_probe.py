@@ -1,0 +1,130 @@
+"""Probes from any map-style torch Dataset, read a batch at a time through a DataLoader.
+
+Truths: the run the same probe writes when its images are held as a tensor (checkpoints and
+prototypes must be bit-identical), counts of what the dataset was asked for, torchvision's own
+datasets.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+import i2x
+from i2x.store import RunStore
+from i2x.streamed import StreamedImages
+
+CLASSES = [str(c) for c in range(10)]
+
+
+class Counting(Dataset):
+    """A dataset that counts its item reads (and refuses to be indexed with anything but an int)."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets, self.reads = images, labels.tolist(), 0
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        assert isinstance(i, int)
+        self.reads += 1
+        return self.images[i], self.targets[i]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return i2x.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return i2x.build_model("small-resnet", 10, in_channels=1, widths=(8, 16, 32))[0].eval()
+
+
+def _track(model, probe, folder):
+    shutil.rmtree(folder, ignore_errors=True)
+    tracker = i2x.Tracker(model, "layer3", probe, folder, schedule=[1, 2], recalibrate_bn=64, batch_size=64)
+    tracker.step(1)
+    tracker.finish(2, prototypes={"n_prototypes": 4, "pca_dim": 8})
+    return RunStore.open(folder)
+
+
+def test_a_tensor_dataset_probe_writes_the_same_run_as_the_held_images(digits, model, tmp_path):
+    held = i2x.Probe.from_dataset(digits, size=150)
+    streamed = i2x.Probe.from_dataset(TensorDataset(digits.images, digits.labels), size=150, classes=digits.classes)
+    assert isinstance(streamed.images, StreamedImages) and streamed.images.shape == held.images.shape
+    assert torch.equal(streamed.indices, held.indices) and torch.equal(streamed.labels, held.labels)
+    a, b = _track(model, held, tmp_path / "held"), _track(model, streamed, tmp_path / "streamed")
+    for step in (1, 2):
+        for key in ("saliency", "probs"):
+            assert torch.equal(a.load_checkpoint(step)[key], b.load_checkpoint(step)[key]), (step, key)
+    pa, pb = a.read_tensors("prototypes"), b.read_tensors("prototypes")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert b.manifest["dataset"]["name"] == "TensorDataset"
+
+
+def test_the_dataset_is_read_a_batch_at_a_time_and_once_per_pass(digits, model, tmp_path):
+    data = Counting(digits.images, digits.labels)
+    probe = i2x.Probe.from_dataset(data, size=120)
+    assert probe.classes == CLASSES and data.reads == 1  # labels from .targets; one image read for its shape
+    tracker = i2x.Tracker(model, "layer3", probe, tmp_path / "run", schedule=[1], recalibrate_bn=32, batch_size=50)
+    before = data.reads
+    tracker.step(1)
+    # One record: the 32 calibration images, then the 120 probe images, each read once.
+    assert data.reads - before == 32 + 120
+    assert RunStore.open(tmp_path / "run").finished_steps() == [1]
+
+
+def test_a_subset_of_a_dataset_and_workers(digits, model, tmp_path):
+    base = TensorDataset(digits.images, digits.labels)
+    subset = Subset(base, list(range(0, len(base), 3)))
+    probe = i2x.Probe.from_dataset(subset, size=60, num_workers=2)
+    expected_labels = digits.labels[torch.arange(0, len(base), 3)][probe.indices]
+    assert torch.equal(probe.labels, expected_labels)  # indices are positions in the Subset
+    held = i2x.Probe(digits.images[torch.arange(0, len(base), 3)][probe.indices], probe.labels, probe.classes,
+                     probe.indices)
+    a = _track(model, held, tmp_path / "held")
+    b = _track(model, probe, tmp_path / "workers")
+    assert torch.equal(a.load_checkpoint(2)["saliency"], b.load_checkpoint(2)["saliency"])
+
+
+def test_a_torchvision_dataset(model, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    fake = torchvision.datasets.FakeData(size=40, image_size=(1, 28, 28), num_classes=10,
+                                         transform=torchvision.transforms.ToTensor())
+    probe = i2x.Probe.from_dataset(fake, size=20)
+    tracker = i2x.Tracker(model, "layer3", probe, tmp_path / "fake", schedule=[1], recalibrate_bn=0)
+    tracker.step(1)
+    store = RunStore.open(tmp_path / "fake")
+    assert store.finished_steps() == [1] and store.probe_size == 20
+    labels = torch.tensor([int(fake[int(i)][1]) for i in probe.indices])
+    assert torch.equal(store.probe()[1], labels)
+
+
+def test_items_that_are_not_tensors_or_differ_in_shape(model, tmp_path):
+    class Pictures(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return "a picture", i % 2
+
+    with pytest.raises(TypeError, match="ToTensor"):
+        i2x.Tracker(model, "layer3", i2x.Probe.from_dataset(Pictures()), tmp_path / "a", schedule=[1])
+
+    class Ragged(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 28 + 4 * (i % 2), 28), i % 2
+
+    tracker = i2x.Tracker(model, "layer3", i2x.Probe.from_dataset(Ragged()), tmp_path / "b", schedule=[1],
+                          recalibrate_bn=0)
+    with pytest.raises(ValueError, match="different shapes"):
+        tracker.step(1)
