@@ -20,7 +20,7 @@ PY="$VENV/bin/python"
   "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
   "safetensors>=0.4" "scikit-learn>=1.3" tqdm "matplotlib>=3.7" \
   "pytest>=8" "pytest-benchmark>=4" expecttest \
-  captum grad-cam    # test-only peers: explainer parity is checked against them
+  captum grad-cam timm lightning    # test-only: the parity peers, timm (tests/test_timm.py explains its models), lightning (tests/test_lightning.py)
 # test-only: tests/_browser.py drives the system Chromium (.ci/run installs it) through Playwright;
 # no browser is downloaded (it is launched with executable_path=/usr/bin/chromium).
 "$PY" -m pip install -q --disable-pip-version-check playwright
