@@ -234,6 +234,14 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Statistics averaged over batches depend on the batch size; a fixed one keeps the records
 # independent of the probe batch size (and the same on every rank).
 CALIBRATION_BATCH = 256
+# ...but 256 ImageNet-size images in one train-mode forward would hold gigabytes of activations:
+# the calibration batch also stays under this many input values (28 x 28 probes keep all 256).
+CALIBRATION_MAX_VALUES = 1 << 22
+
+
+def _calibration_batch(images, batch_size: int) -> int:
+    per_image = max(1, math.prod(images.shape[1:]))
+    return max(1, min(batch_size, CALIBRATION_MAX_VALUES // per_image))
 
 
 @contextlib.contextmanager
@@ -256,7 +264,7 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
             for m in norms:
                 m.reset_running_stats()
                 m.train()
-            for start, batch in iter_batches(images, batch_size):
+            for start, batch in iter_batches(images, _calibration_batch(images, batch_size)):
                 # A momentum of b / (seen + b) makes the running statistics the sample-weighted
                 # mean over the batches: a short last batch counts for its size, not as much as a
                 # full one.
