@@ -1,20 +1,12 @@
-"""Stages 3-8 of I2X: from saliency grids and prototypes to a structured account of training.
+"""Stages 3-8 of I2X on a run folder: from saliency grids and prototypes to a structured account
+of training.
 
-Pipeline (each step a small pure function over tensors in :mod:`i2x.readings`, re-exported here;
-:func:`analyze` runs them on a run):
-
-1. :func:`prototype_intensity`  ``P[t, i, k]``: mean raw saliency over the positions of prototype k
-2. :func:`changes`              ``dP^t = P^{t+1} - P^t``, ``dY^t = Yhat^{t+1} - Yhat^t``
-3. :func:`ridge_beta` / :func:`ridge_sequence`  ``beta^t = (pi^T pi + lam I)^-1 pi^T C``
-4. :func:`find_groups`          per class, HDBSCAN over the confidence-change trajectories
-5. :func:`presence`             share of samples in which a prototype occurs at all
-6. :func:`shared_and_specialised`  per class: prototypes the whole class uses vs its variants
-7. :func:`separation_timeline`  per class pair: when it stopped being confused and which prototypes did it
-8. :func:`prototype_scores` / :func:`flag_uncertain`  prototypes the model stays unsure about
-
-:func:`analyze` writes ``analysis.json`` and ``analysis.safetensors`` into the run;
-:func:`load_analysis` reads them back; :func:`explain_sample` answers "why does it look there" for
-one probe sample. ``docs/analysis.md`` gives every formula, default and the files' schema.
+The steps are small pure functions over tensors in :mod:`i2x.readings` (re-exported here), from
+prototype intensities to ``beta^t``, groups, shared and specialised prototypes, the separation
+timeline and the uncertain and decisive prototypes. :func:`analyze` runs them on a run and writes
+``analysis.json`` and ``analysis.safetensors``; :func:`load_analysis` reads them back;
+:func:`explain_sample` answers "why does it look there" for one probe sample.
+``docs/analysis.md`` gives every formula, default and the files' schema.
 """
 
 from __future__ import annotations
