@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from conftest import assert_close
+from conftest import CAM_NORM_ATOL as NORM_ATOL, CAM_RAW_ATOL as RAW_ATOL, CAM_RAW_RTOL as RAW_RTOL, assert_close
 
 from _models import NUM_CLASSES, FlatOnly, RaisesAfter, TwoHeads, tiny_cnn, tiny_input
 from i2x import reference
@@ -33,18 +33,8 @@ from i2x.cam import Captured, Explainer, swin_reshape, vit_reshape
 METHODS = reference.CAM_METHODS
 assert METHODS == ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 
-# Tolerances of map comparisons (float32), measured over this file (see the terminal summary that
-# conftest prints, tags "cam:*"):
-#   raw maps: |diff| <= RAW_RTOL |expected| + RAW_ATOL max|expected|. The compiled op and the twin
-#       sum the same C products in different orders (C <= 256 here): measured worst 0.055 of this
-#       tolerance, i.e. about 1e-6 of max|expected| (resnet18 layer3, gradcam++; max |diff| 4.8e-6
-#       on a tiny-CNN gradcam++ map of max ~100).
-#   normalised maps in [0, 1]: |diff| <= NORM_ATOL. The min-max divides the raw error by the
-#       map's range (>= 1e-3 max, asserted by assert_not_degenerate): measured worst 1.1e-6.
-# The explainer's own activations and gradients are bit-identical to the full-graph ones in every
-# case measured (the differences above all come from compiled op vs twin).
-RAW_RTOL, RAW_ATOL = 1e-5, 1e-5
-NORM_ATOL = 2e-5
+# Tolerances of map comparisons: conftest.CAM_* (shared with the peer and timm tests), where
+# they are measured and explained.
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import assert_close
+from conftest import CAM_NORM_ATOL as NORM_ATOL, CAM_RAW_ATOL as RAW_ATOL, CAM_RAW_RTOL as RAW_RTOL, assert_close
 
 from i2x.cam import Explainer
 
@@ -37,8 +37,6 @@ pgc = pytest.importorskip("pytorch_grad_cam")
 pgc_targets = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
 
 NUM_CLASSES = 10
-RAW_RTOL, RAW_ATOL = 1e-5, 1e-5
-NORM_ATOL = 2e-5
 
 # model -> (input side, targets per image). Sides give grids of 4 x 4 (resnet18 layer4 at 100),
 # 7 x 7 (vgg11 features.19 at 112) and 3 x 3 (densenet121 at 100).

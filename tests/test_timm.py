@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import CAM_NORM_ATOL as NORM_ATOL, CAM_RAW_ATOL as RAW_ATOL, CAM_RAW_RTOL as RAW_RTOL, assert_close
 
 import i2x
 from i2x.integrations import timm as i2x_timm
@@ -29,8 +29,6 @@ pgc = pytest.importorskip("pytorch_grad_cam")
 pgc_targets = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
 
 NUM_CLASSES = 5
-RAW_RTOL, RAW_ATOL = 1e-5, 1e-5
-NORM_ATOL = 2e-5
 TARGETS = [2, 0]  # per image; maps of random weights for these are not degenerate (asserted)
 
 
