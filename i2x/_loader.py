@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def release_series(version: str) -> str:
+    """'2.14.1+cu130' -> '2.14'. Patch releases of torch keep its C++ ABI, so a build made against
+    2.14.1 loads under 2.14.0 or 2.14.2 too; the wheel's metadata pins the same (torch==2.14.*)."""
+    return ".".join(version.split("+", 1)[0].split(".")[:2])
+
+
 def _load_compiled():
     try:
         from . import _build_config
@@ -20,12 +26,14 @@ def _load_compiled():
             + ". Install it with `pip install --no-build-isolation .` from the repository root "
             "(build requirements first: scikit-build-core pybind11 'cmake>=3.26' ninja)."
         ) from exc
-    if _build_config.TORCH_VERSION != torch.__version__:
+    built = release_series(_build_config.TORCH_VERSION)
+    if built != release_series(torch.__version__):
         raise ImportError(
             f"i2x {_build_config.VERSION} was built against torch {_build_config.TORCH_VERSION}, "
-            f"but torch {torch.__version__} is installed. Rebuild i2x against this torch "
+            f"but torch {torch.__version__} is installed; libtorch's C++ ABI only holds within one "
+            "release series. Rebuild i2x against this torch "
             "(`pip install --no-build-isolation --force-reinstall --no-deps .`) or install "
-            f"torch=={_build_config.TORCH_VERSION}."
+            f"torch=={built}.*."
         )
     try:
         from . import _C

@@ -40,8 +40,9 @@ from torch.utils.data import Subset
 
 from ._util import check_int, check_number, describe as _describe, eval_mode, profiled
 from .cam import Explainer, _strip_wrapper, model_device
-from .data import batch_of, labels_of, stratified_subset
+from .data import labels_of, stratified_subset
 from .store import RunStore, RunStoreError
+from .streamed import batches_at, images_at
 from .strategies import (BatchedSubset, OversampleSampler, PerturbedDataset, TransplantedDataset,
                          mass_share, pixel_masks, top_share)
 
@@ -402,7 +403,8 @@ def _flagged(analysis, a: int, b: int, kinds, prototypes) -> list[dict]:
 
 @profiled("i2x::find_targets")
 def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: Sequence[int] | None = None,
-                 device=None, progress: bool = False, save: bool = True, probe_dataset=None, **options) -> Targets:
+                 device=None, progress: bool = False, save: bool = True, probe_dataset=None, *,
+                 num_workers: int = 0, pin_memory: bool = False, **options) -> Targets:
     """Score every training sample of a confused pair and choose the targets.
 
     Args:
@@ -410,14 +412,18 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
         model: the final model of the run (its layer must be the run's; it is not modified:
             BatchNorm statistics are recomputed on the run's calibration images for the scoring
             and put back, modes restored, no ``.grad`` touched).
-        train_dataset: the training set the probe was drawn from (``dataset[i] -> (image,
-            label)``; an ``i2x.data.ImageDataset`` is read a batch at a time).
+        train_dataset: the training set the probe was drawn from: any map-style Dataset of
+            ``(image, label)`` items (a torchvision dataset, ``TensorDataset``, ``ImageFolder``, a
+            ``Subset``). Its images are read a batch at a time through a ``DataLoader``, never all
+            held; an ``i2x.data.ImageDataset`` is indexed directly.
         pairs: ``[(a, b)]`` (one pair; default: the analysis' most-confused pair).
         prototypes: the prototype ids to target (default: the pair's flagged ones of ``kinds``).
         device: where the scoring runs (default: the model's).
         save: write ``targets.safetensors`` + ``targets.json`` into the run.
         probe_dataset: the dataset the run's probe indices refer to, for the tracker's BatchNorm
             calibration images (default: ``train_dataset``; give it when the probe came from another split).
+        num_workers, pin_memory: the DataLoader's, for reading ``train_dataset`` (and
+            ``probe_dataset``).
         options: the rule (:data:`TARGET_DEFAULTS`): kinds, select, min_separability, score,
             cam, top_q, weight, threshold, max_fraction, batch_size.
 
@@ -461,19 +467,21 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     layer = store.manifest["model"]["layer"]
     explainer = Explainer(module, layer, method=store.manifest["model"].get("method", "gradcam"))
     device = model_device(module) if device is None else torch.device(device)
-    calibration = _calibration_images(store, train_dataset if probe_dataset is None else probe_dataset)
+    workers = check_int(num_workers, "num_workers", minimum=0)
+    reading = {"num_workers": workers, "pin_memory": bool(pin_memory)}
+    calibration = (_calibration_images(store, train_dataset, reading, labels) if probe_dataset is None
+                   else _calibration_images(store, probe_dataset, reading))
     grid = tuple(store.grid) if store.grid else None
 
     out = {k: [] for k in ("share", "margin", "pred", "assignment")}
     bar = _progress(rows.numel(), progress, f"targets for {_pair_label(store, a, b)}")
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module):
-        for start in range(0, rows.numel(), o["batch_size"]):
-            idx = rows[start:start + o["batch_size"]]
-            x, y = batch_of(train_dataset, idx)
+        for start, x in batches_at(train_dataset, rows, o["batch_size"], **reading):
+            y = labels[rows[start:start + x.shape[0]]]
             res = _score_batch(explainer, protos, x.to(device), y.to(device), a, b, ids.to(device), o, grid)
             for k, v in res.items():
                 out[k].append(v.cpu())
-            bar.update(idx.numel())
+            bar.update(x.shape[0])
     bar.close()
     shares = torch.cat(out["share"]).float()  # [R, F + 1]
     margins = torch.cat(out["margin"]).float()
@@ -545,8 +553,9 @@ def _choose_pair(analysis, pairs, m: int) -> tuple[int, int]:
     return min(a, b), max(a, b)
 
 
-def _calibration_images(store: RunStore, dataset) -> torch.Tensor | None:
-    """The tracker's BatchNorm calibration images: the same stratified subset of the probe."""
+def _calibration_images(store: RunStore, dataset, reading: dict, labels: torch.Tensor | None = None):
+    """The tracker's BatchNorm calibration images: the same stratified subset of the probe (a
+    tensor, or a view read through a DataLoader for a dataset that does not hold its tensors)."""
     n = int(store.manifest.get("options", {}).get("recalibrate_bn", 0) or 0)
     if n == 0:
         return None
@@ -555,13 +564,13 @@ def _calibration_images(store: RunStore, dataset) -> torch.Tensor | None:
     if int(probe_idx.max()) >= len(dataset):
         raise ValueError(f"the dataset has {len(dataset)} samples but the run's probe refers to index "
                          f"{int(probe_idx.max())}; pass the training set the run was tracked on (or probe_dataset=)")
-    images, labels = batch_of(dataset, chosen)
     expected = probe_labels[stratified_subset(probe_labels, min(n, probe_idx.numel()), seed=0)]
-    if not bool((labels == expected).all()):
+    labels = labels_of(dataset) if labels is None else labels  # the caller's, when it read them already
+    if not bool((labels[chosen] == expected).all()):
         split = store.manifest.get("dataset", {}).get("split")
         raise ValueError(f"the dataset's labels at the run's probe positions differ from the probe's (the probe came "
                          f"from the {split or 'unknown'} split); pass the dataset the probe was drawn from as probe_dataset=")
-    return images
+    return images_at(dataset, chosen, **reading)
 
 
 def _score_batch(explainer, protos, x, y, a, b, ids, o, grid):

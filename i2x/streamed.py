@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ._util import describe
 
-__all__ = ["StreamedImages", "iter_batches"]
+__all__ = ["StreamedImages", "iter_batches", "holds_tensors", "images_at", "batches_at"]
 
 
 def _first_image(item, where: str) -> torch.Tensor:
@@ -127,3 +127,38 @@ def iter_batches(images, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
         return
     for start in range(0, images.shape[0], batch_size):
         yield start, images[start:start + batch_size]
+
+
+def holds_tensors(dataset) -> bool:
+    """True for datasets that hand out a whole batch in one indexing operation from tensors they
+    hold (an ``i2x.data.ImageDataset``, the ``i2x.strategies`` wrappers with ``i2x_batch``): a
+    DataLoader would only slow those down."""
+    from .data import ImageDataset
+
+    return hasattr(dataset, "i2x_batch") or isinstance(dataset, ImageDataset)
+
+
+def images_at(dataset, indices, *, num_workers: int = 0, pin_memory: bool = False):
+    """The images of ``dataset`` at ``indices``: a tensor for a dataset that holds its tensors, a
+    :class:`StreamedImages` view (read a batch at a time through a DataLoader) for any other."""
+    from .data import batch_of
+
+    indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
+    if holds_tensors(dataset):
+        return batch_of(dataset, indices)[0] if indices.numel() else torch.empty(0)
+    return StreamedImages(dataset, indices, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def batches_at(dataset, indices, batch_size: int, *, num_workers: int = 0,
+               pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, images)`` of ``dataset`` at ``indices``, ``batch_size`` at a time: one indexing
+    operation per batch for a dataset that holds its tensors, a DataLoader otherwise."""
+    from .data import batch_of
+
+    indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
+    if not holds_tensors(dataset):
+        yield from iter_batches(StreamedImages(dataset, indices, num_workers=num_workers, pin_memory=pin_memory),
+                                batch_size)
+        return
+    for start in range(0, indices.numel(), batch_size):
+        yield start, batch_of(dataset, indices[start:start + batch_size])[0]

@@ -11,6 +11,17 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print('torch', torch.__version__, torch.cuda.get_device_name())"
+# pyproject.toml's torch pin needs scikit-build-core >= 1.1 ([[tool.dynamic-metadata]]). The GPU
+# machine has no network: an older one there is replaced from wheelhouse/, which the caller brings
+# (pip download --no-deps -d wheelhouse 'scikit-build-core>=1.1', then carry "wheelhouse").
+if ! "$PY" -c "import sys, scikit_build_core as s; from packaging.version import Version; sys.exit(Version(s.__version__) < Version('1.1'))" 2>/dev/null; then
+  if ls wheelhouse/scikit_build_core-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --find-links wheelhouse "scikit-build-core>=1.1"
+  else
+    echo "gpu_check: scikit-build-core >= 1.1 is needed and missing; bring it in wheelhouse/ (see above)" >&2
+    exit 2
+  fi
+fi
 echo "== build with CUDA (archs ${I2X_CUDA_ARCHS:-90})"
 I2X_CUDA=1 I2X_CUDA_ARCHS=${I2X_CUDA_ARCHS:-90} \
   "$PY" -m pip install -q --no-index --no-build-isolation --no-deps --force-reinstall . 2>&1 | tee "$OUT/build.log"

@@ -722,6 +722,43 @@ def test_the_default_rule_recovers_the_mark_with_another_seed(shortcut_run_seed2
     assert precision >= 0.9 and recall >= 0.9, (precision, recall, t.prototypes)
 
 
+class _ItemsOnly(torch.utils.data.Dataset):
+    """A user's own dataset: items one at a time, no .targets, no batch indexing."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels_tensor = images, labels
+
+    def __len__(self):
+        return len(self.labels_tensor)
+
+    def __getitem__(self, i):
+        return self.images[i].clone(), int(self.labels_tensor[i])
+
+
+@pytest.mark.parametrize("kind, workers", [("items-only", 1), ("tensor-dataset", 0), ("subset", 0)])
+def test_find_targets_reads_any_dataset_and_finds_the_same_targets(shortcut_run, kind, workers):
+    train = shortcut_run["train"]
+    if kind == "items-only":
+        data = _ItemsOnly(train.images, train.labels)
+    elif kind == "tensor-dataset":
+        data = torch.utils.data.TensorDataset(train.images, train.labels)
+    else:  # a Subset over everything, in order: positions are the parent's
+        data = torch.utils.data.Subset(_ItemsOnly(train.images, train.labels), list(range(len(train))))
+    t = i2x.find_targets(shortcut_run["dir"], shortcut_run["model"], data, pairs=[(0, 1)], save=False,
+                         num_workers=workers, pin_memory=False)
+    ref = i2x.find_targets(shortcut_run["dir"], shortcut_run["model"], train, pairs=[(0, 1)], save=False)
+    for name in ("indices", "labels", "selected", "cell_masks", "predictions"):
+        assert torch.equal(getattr(t, name), getattr(ref, name)), name
+    for name in ("scores", "shares", "margins"):
+        torch.testing.assert_close(getattr(t, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+
+
+def test_find_targets_refuses_bad_reading_options(shortcut_run):
+    with pytest.raises(ValueError, match="num_workers"):
+        i2x.find_targets(shortcut_run["dir"], shortcut_run["model"], shortcut_run["train"], pairs=[(0, 1)],
+                         save=False, num_workers=-1)
+
+
 def test_find_targets_leaves_the_model_as_it_was(shortcut_run):
     model = shortcut_run["model"]
     assert state_equal(snapshot(model), shortcut_run["before"])  # BatchNorm statistics put back too
