@@ -19,6 +19,10 @@ percent.
 
 prototypes: ``i2x.prototypes.fit_prototypes`` vs scikit-learn ``KMeans.fit`` + ``predict`` on the
 same vectors (``bench_prototypes.py`` has the details).
+
+A probe streamed from a torch Dataset at ImageNet size (20,000 ``FakeData`` images at 224 px,
+resnet18 at layer4: peak memory and the record against a plain pass over the same loader) is
+``bench_streamed.py``: one case takes most of an hour on 2 cores, so it is a script of its own.
 """
 
 from __future__ import annotations

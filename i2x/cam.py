@@ -467,6 +467,40 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    # "cuda" names the current CUDA device: it matches "cuda:0" there
+    return (a.index if a.index is not None else torch.cuda.current_device()) == (
+        b.index if b.index is not None else torch.cuda.current_device())
+
+
+def run_device(model: nn.Module, device=None) -> torch.device:
+    """The device an entry point runs ``model`` on (``device``, or the model's own), after the
+    checks that would otherwise surface as a torch error halfway through: a model spread over
+    several devices, a model on ``meta`` (shapes, no values), a ``device`` the model is not on."""
+    found = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    if len({(d.type, d.index) for d in found}) > 1:
+        raise ValueError(f"model: its parameters and buffers are on several devices ({', '.join(sorted(map(str, found)))}); "
+                         "i2x runs a model on one device: move it there with model.to(...)")
+    own = model_device(model)
+    if own.type == "meta":
+        raise ValueError("model: its parameters are on the meta device (shapes only, no values); materialise it first "
+                         "(model.to_empty(device='cpu') and load its weights)")
+    if device is None:
+        return own
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+    if not _same_device(wanted, own):
+        raise ValueError(f"device={str(wanted)!r} but the model is on {own}: move the model (model.to({str(wanted)!r})) "
+                         "or leave device= out to run where it is")
+    return wanted
+
+
 def check_input_device(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
     """A clear error, before any work, when the model's parameters and the input live apart."""
     device = model_device(model)

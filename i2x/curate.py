@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from ._util import check_int, check_number, describe as _describe, eval_mode, profiled
-from .cam import Explainer, _strip_wrapper, model_device
+from .cam import Explainer, _strip_wrapper, run_device
 from .data import labels_of, stratified_subset
 from .store import RunStore, RunStoreError
 from .streamed import batches_at, images_at
@@ -466,7 +466,7 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     module = _strip_wrapper(model)
     layer = store.manifest["model"]["layer"]
     explainer = Explainer(module, layer, method=store.manifest["model"].get("method", "gradcam"))
-    device = model_device(module) if device is None else torch.device(device)
+    device = run_device(module, device)
     workers = check_int(num_workers, "num_workers", minimum=0)
     reading = {"num_workers": workers, "pin_memory": bool(pin_memory)}
     calibration = (_calibration_images(store, train_dataset, reading, labels) if probe_dataset is None

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ._util import check_int, check_number, describe as _describe, eval_mode
-from .cam import _strip_wrapper, checked_forward, model_device
+from .cam import _strip_wrapper, checked_forward, run_device
 from .data import batch_of, labels_of, stratified_subset
 from .penalty import ExplanationPenalty
 from .strategies import epoch_permutation
@@ -166,7 +166,7 @@ def fit(
     if len(data) == 0:
         raise ValueError("data: the dataset is empty")
     module = _strip_wrapper(model)
-    device = model_device(module) if device is None else torch.device(device)
+    device = run_device(module, device)
     prec = resolve_precision(precision, device)
     # Channels-last only where it is both faster and safe: with bfloat16 on the CPU (1.25x on top of
     # bf16's 2x here). In float32, oneDNN's channels-last convolution backward crashed (SIGSEGV)
@@ -332,7 +332,7 @@ def evaluate(model: nn.Module, data, calibration: torch.Tensor | None = None, ba
     from .track import recalibrated_batchnorm
 
     module = _strip_wrapper(model)
-    device = model_device(module) if device is None else torch.device(device)
+    device = run_device(module, device)
     batch_size = check_int(batch_size, "batch_size")
     if len(data) == 0:
         raise ValueError("data: the evaluation set is empty")

@@ -44,7 +44,7 @@ from .streamed import StreamedImages
 
 from . import ops
 from ._util import eval_mode, profiled
-from .cam import _as_grid, _find_last_spatial_layer, _resolve_layer, model_device
+from .cam import _as_grid, _find_last_spatial_layer, _resolve_layer, run_device
 
 __all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes"]
 
@@ -244,7 +244,7 @@ def layer_features(
         raise TypeError(f"reshape must be callable or None, got {type(reshape).__name__}")
     source = _ImageSource(images)
     resolved = None if layer is None else _resolve_layer(model, layer)
-    target = model_device(model) if device is None else torch.device(device)
+    target = run_device(model, device)
     return _layer_feature_batches(model, resolved, source, batch_size, target, reshape)
 
 

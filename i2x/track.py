@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import describe as _describe, eval_mode, profiled
-from .cam import Explainer, _strip_wrapper, checked_forward, model_device
+from .cam import Explainer, _strip_wrapper, checked_forward, run_device
 from .data import stratified_subset
 from . import _progress
 from .streamed import StreamedImages, iter_batches
@@ -300,7 +300,7 @@ def record_checkpoint(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     model = explainer.model
-    device = model_device(model) if device is None else torch.device(device)
+    device = run_device(model, device)
     with recalibrated_batchnorm(model, calibration, device):
         return _explain_eval(explainer, images, labels, batch_size, device)
 
@@ -546,7 +546,7 @@ class Tracker:
 
         if self.rank != 0:
             return None
-        device = model_device(self.module) if self.device is None else torch.device(self.device)
+        device = run_device(self.module, self.device)
         # The same BatchNorm statistics as the records, so the assignment and the final saliency
         # describe one model.
         with recalibrated_batchnorm(self.module, self.calibration, device):
@@ -691,6 +691,7 @@ def track_checkpoints(
     if len(set(steps)) != len(steps):
         raise ValueError(f"checkpoints: duplicate steps in {steps}")
     module = _strip_wrapper(model)
+    run_device(module, tracker_options.get("device"))  # before any checkpoint is loaded into it
     tracker = Tracker(module, layer, probe, run_dir, schedule=steps, **tracker_options)
     original = {k: v.detach().clone() for k, v in module.state_dict().items()}
     final_step = steps[-1]

@@ -753,10 +753,13 @@ def test_find_targets_reads_any_dataset_and_finds_the_same_targets(shortcut_run,
         torch.testing.assert_close(getattr(t, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
 
 
-def test_find_targets_refuses_bad_reading_options(shortcut_run):
+def test_find_targets_refuses_bad_reading_options_and_a_device_the_model_is_not_on(shortcut_run):
     with pytest.raises(ValueError, match="num_workers"):
         i2x.find_targets(shortcut_run["dir"], shortcut_run["model"], shortcut_run["train"], pairs=[(0, 1)],
                          save=False, num_workers=-1)
+    with pytest.raises(ValueError, match="device='meta' but the model is on cpu"):
+        i2x.find_targets(shortcut_run["dir"], shortcut_run["model"], shortcut_run["train"], pairs=[(0, 1)],
+                         save=False, device="meta")
 
 
 def test_find_targets_leaves_the_model_as_it_was(shortcut_run):

@@ -111,3 +111,61 @@ def test_train_and_evaluate(model, batch):
         i2x.evaluate(model, ImageDataset(torch.randn(4, 3, 28, 28), torch.tensor([0, 1, 2, 3]), CLASSES, "custom",
                                          "test"))
     assert "channels" in _one_line(e)
+
+
+def _meta_model():
+    return i2x.build_model("small-resnet", 10, in_channels=1, widths=(8, 16, 32))[0].to("meta")
+
+
+def _split_model():
+    net = i2x.build_model("small-resnet", 10, in_channels=1, widths=(8, 16, 32))[0]
+    net.fc.to("meta")  # the head elsewhere than the body: what a half-finished .to() leaves
+    return net
+
+
+def _entry_points(tmp_path, batch):
+    """Each public entry point that runs a model on data it reads itself, as ``model -> call``."""
+    x, y = batch
+    data = ImageDataset(x, y, CLASSES, "custom", "train")
+    probe = i2x.Probe(x, y, CLASSES)
+    return {
+        "Tracker.step": lambda net: i2x.Tracker(net, "layer3", probe, tmp_path / "run", schedule=[1]).step(1),
+        "track_checkpoints": lambda net: i2x.track_checkpoints(net, "layer3", probe, [(1, tmp_path / "w.pt")],
+                                                               tmp_path / "post"),
+        "train": lambda net: i2x.train(net, data, 1),
+        "finetune": lambda net: i2x.finetune(net, data, 1),
+        "evaluate": lambda net: i2x.evaluate(net, data),
+        "discover_prototypes": lambda net: i2x.discover_prototypes(net, "layer3", x),
+    }
+
+
+@pytest.mark.parametrize("entry", ["Tracker.step", "track_checkpoints", "train", "finetune", "evaluate",
+                                   "discover_prototypes"])
+def test_a_model_away_from_the_data_gets_one_clear_error(entry, model, batch, tmp_path):
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    call = _entry_points(tmp_path, batch)[entry]
+    with pytest.raises(ValueError) as e:
+        call(_meta_model())
+    assert "on the meta device" in _one_line(e)
+    with pytest.raises(ValueError) as e:
+        call(_split_model())
+    assert "several devices (cpu, meta)" in _one_line(e)
+    assert not list(tmp_path.glob("*/checkpoints/*.safetensors"))  # nothing recorded
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate", "discover_prototypes"])
+def test_a_device_the_model_is_not_on_gets_one_clear_error(entry, batch):
+    x, y = batch
+    net = i2x.build_model("small-resnet", 10, in_channels=1, widths=(8, 16, 32))[0]
+    data = ImageDataset(x, y, CLASSES, "custom", "train")
+    call = {"train": lambda: i2x.train(net, data, 1, device="meta"),
+            "evaluate": lambda: i2x.evaluate(net, data, device="meta"),
+            "discover_prototypes": lambda: i2x.discover_prototypes(net, "layer3", x, device="meta")}[entry]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        call()
+    assert "device='meta' but the model is on cpu" in _one_line(e)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError) as e:
+        i2x.evaluate(net, data, device="warp-drive")
+    assert "not a torch device" in _one_line(e)
