@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ._progress import bar as _bar
-from .streamed import StreamedImages
+from .streamed import StreamedImages, batches_at, iter_batches
 
 from . import ops
 from ._util import eval_mode, profiled
@@ -249,8 +249,8 @@ def layer_features(
 
 
 def _layer_feature_batches(model, resolved, source, batch_size, device, reshape) -> Iterator[torch.Tensor]:
-    for start in range(0, len(source), batch_size):
-        x = source.batch(start, min(start + batch_size, len(source))).to(device)
+    for x in source.batches(batch_size):
+        x = x.to(device)
         if resolved is None:
             with eval_mode(model):
                 resolved = _resolve_layer(model, _find_last_spatial_layer(model, x))
@@ -281,7 +281,7 @@ def _capture_layer(model: nn.Module, resolved: tuple[str, nn.Module], x: torch.T
 
 
 class _ImageSource:
-    """Batches of a ``[N, ...]`` tensor or of a dataset's image tensors."""
+    """Batches of a ``[N, ...]`` tensor, a streamed probe, a torch Dataset or a sequence of images."""
 
     def __init__(self, images):
         if isinstance(images, torch.Tensor):
@@ -294,11 +294,21 @@ class _ImageSource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The images in order, ``batch_size`` at a time. A streamed probe or a torch Dataset is
+        read through one DataLoader per pass (workers stay up for the whole pass)."""
+        if isinstance(self.images, StreamedImages):
+            yield from (x for _, x in iter_batches(self.images, batch_size))
+        elif isinstance(self.images, torch.utils.data.Dataset):
+            yield from (x for _, x in batches_at(self.images, torch.arange(len(self.images)), batch_size))
+        else:
+            for start in range(0, len(self), batch_size):
+                yield self.batch(start, min(start + batch_size, len(self)))
+
     def batch(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor or of an in-memory sequence of images."""
         if isinstance(self.images, torch.Tensor):
             return self.images[start:stop]
-        if isinstance(self.images, StreamedImages):  # a streamed probe: through its DataLoader
-            return self.images.load(start, stop)
         items = []
         for i in range(start, stop):
             item = self.images[i]

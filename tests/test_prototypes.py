@@ -411,6 +411,31 @@ def test_discover_prototypes_end_to_end():
         discover_prototypes(model, "features.5", x, n_clusters=4)
 
 
+class _ItemsOnlyImages(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], 0
+
+
+@pytest.mark.parametrize("wrap", ["tensor-dataset", "items-only"])
+def test_discover_prototypes_from_a_torch_dataset_equals_the_tensor(wrap):
+    """A Dataset is read through a DataLoader, one per pass: the same prototypes as the tensor."""
+    model = tiny_cnn()
+    x = tiny_input(batch=24)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(24)) if wrap == "tensor-dataset" else _ItemsOnlyImages(x)
+    options = dict(batch_size=10, n_prototypes=4, pca_dim=8, n_exemplars=3)
+    ref = discover_prototypes(model, "features.5", x, **options)
+    got = discover_prototypes(model, "features.5", data, **options)
+    for name in ("mean", "components", "centroids", "distances"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.assignment, ref.assignment) and torch.equal(got.exemplars, ref.exemplars)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 
