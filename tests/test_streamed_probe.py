@@ -128,3 +128,33 @@ def test_items_that_are_not_tensors_or_differ_in_shape(model, tmp_path):
                           recalibrate_bn=0)
     with pytest.raises(ValueError, match="different shapes"):
         tracker.step(1)
+
+
+@pytest.mark.parametrize("source", ["tensor", "streamed"])
+def test_the_heap_is_trimmed_after_each_large_batch_only(source, monkeypatch):
+    """Large batches (224 px) hand the freed heap back after use; small ones (28 px) do not."""
+    import i2x.streamed as streamed
+
+    calls = []
+    monkeypatch.setattr(streamed, "release_freed_heap", lambda: calls.append(1))
+    monkeypatch.setattr(streamed, "TRIM_BATCH_BYTES", 3 * 16 * 16 * 4 * 4)  # a batch of 4 images at 16 px
+    images = torch.randn(10, 3, 16, 16)
+    view = images if source == "tensor" else StreamedImages(TensorDataset(images, torch.zeros(10)), range(10))
+    seen = []
+    for start, batch in streamed.iter_batches(view, 4):  # 4 + 4 + 2 images: two large batches, one small
+        seen.append(len(calls))  # not trimmed before the batch has been used
+        assert torch.equal(batch, images[start:start + batch.shape[0]])
+    assert seen == [0, 1, 2] and len(calls) == 2
+    calls.clear()
+    list(streamed.batches_at(i2x.data.ImageDataset(images, torch.zeros(10, dtype=torch.long), ["a"], "custom",
+                                                   "train"), torch.arange(10), 4))
+    assert len(calls) == 2
+
+
+def test_release_freed_heap_runs_here():
+    from i2x._util import _malloc_trim, release_freed_heap
+
+    release_freed_heap()  # glibc: malloc_trim(0); elsewhere a no-op
+    import platform
+    if platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None
