@@ -9,7 +9,8 @@ a wheel, an editable install or an sdist; it is build machinery only and is not 
 The torch compiled against is the one the build environment imports (``--no-build-isolation``),
 the same one CMakeLists.txt finds. An sdist is not compiled, so its metadata carries the range
 i2x supports (``torch-range``) and marks ``Requires-Dist`` as Dynamic: the wheel built from it
-pins again, to whatever torch that build finds.
+pins again, to whatever torch that build finds. i2x/_loader.py applies the same rule when the
+module is imported (it cannot be imported from here: the build must not need i2x itself).
 """
 
 from __future__ import annotations

@@ -297,18 +297,16 @@ class _ImageSource:
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The images in order, ``batch_size`` at a time. A streamed probe or a torch Dataset is
         read through one DataLoader per pass (workers stay up for the whole pass)."""
-        if isinstance(self.images, StreamedImages):
+        if isinstance(self.images, (torch.Tensor, StreamedImages)):
             yield from (x for _, x in iter_batches(self.images, batch_size))
         elif isinstance(self.images, torch.utils.data.Dataset):
             yield from (x for _, x in batches_at(self.images, torch.arange(len(self.images)), batch_size))
         else:
             for start in range(0, len(self), batch_size):
-                yield self.batch(start, min(start + batch_size, len(self)))
+                yield self._stacked(start, min(start + batch_size, len(self)))
 
-    def batch(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor or of an in-memory sequence of images."""
-        if isinstance(self.images, torch.Tensor):
-            return self.images[start:stop]
+    def _stacked(self, start: int, stop: int) -> torch.Tensor:
+        """Items ``start:stop`` of an in-memory sequence of images, stacked."""
         items = []
         for i in range(start, stop):
             item = self.images[i]
