@@ -24,7 +24,8 @@ __all__ = ["StreamedImages", "iter_batches", "holds_tensors", "images_at", "batc
 
 # After a batch at least this large has been used, the C heap's free pages go back to the OS
 # (release_freed_heap: without it a long 224 px record grew ~3 MB per batch). Small batches (a
-# 28 px probe) skip it: their blocks stay below glibc's mmap threshold games.
+# 28 px probe) skip the call: their few-MB frees did not fragment the heap, and the trim would only
+# cost a walk over it.
 TRIM_BATCH_BYTES = 8 * 2**20
 
 
