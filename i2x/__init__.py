@@ -1,6 +1,6 @@
 """i2x: structured explanations of image classifiers (the I2X method), on batched native kernels.
 
-The pipeline, one module per stage (``docs/tracking.md``, ``docs/run-format.md``, ``docs/analysis.md``)::
+The pipeline, one folder per stage (``docs/architecture.md``)::
 
     train = i2x.load_dataset("fashion-mnist")
     model, layer = i2x.build_model("small-resnet", num_classes=10)
@@ -22,28 +22,32 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 
-# public name -> the module (of this package) that defines it; a name that maps to itself is a
-# module, except the two functions named like their modules (below)
+from i2x._internal import aliases as _internal_aliases
+
+# public name -> the module (of this package) that defines it
 _EXPORTS = {
     "build_info": "_loader",
-    **{m: m for m in ("ops", "reference", "metrics", "data", "models", "store", "track", "prototypes", "analysis",
-                      "curate", "strategies", "penalty", "report", "pipeline", "bench", "readings",
-                      "explain_files")},
-    "Explainer": "cam", "Captured": "cam", "swin_reshape": "cam", "vit_reshape": "cam",
+    "Explainer": "explain", "Captured": "explain", "swin_reshape": "explain", "vit_reshape": "explain",
     "load_dataset": "data",
     "build_model": "models",
     "RunStore": "store", "RunStoreError": "store", "RunLockedError": "store",
     "Probe": "track", "Tracker": "track", "log_schedule": "track", "track_checkpoints": "track",
-    "Prototypes": "prototypes", "discover_prototypes": "prototypes", "fit_prototypes": "prototypes",
+    "Prototypes": "track", "discover_prototypes": "track", "fit_prototypes": "track",
     "analyze": "analysis", "explain_sample": "analysis", "load_analysis": "analysis",
-    "NothingToCurate": "curate", "Targets": "curate", "find_targets": "curate", "known_targets": "curate",
-    "load_targets": "curate",
-    "ExplanationPenalty": "penalty",
-    "evaluate": "finetune", "finetune": "finetune", "train": "finetune",
-    "experiment": "experiment", "load_results": "experiment",
+    "NothingToCurate": "loop", "Targets": "loop", "find_targets": "loop", "known_targets": "loop",
+    "load_targets": "loop",
+    "ExplanationPenalty": "loop",
+    "evaluate": "loop", "finetune": "loop", "train": "loop",
+    "experiment": "loop", "load_results": "loop",
     "write_report": "report",
+}
+# i2x.<name> that is a module: the stage folders, and the modules' names before they moved into
+# them (i2x.curate is i2x.loop.targets...), so code written against either keeps working.
+_MODULES = {
+    **{m: m for m in ("ops", "reference", "data", "models", "store", "track", "analysis", "loop", "report", "explain",
+                      "apps")},
+    **_internal_aliases.MOVED,
 }
 
 __all__ = [
@@ -102,38 +106,27 @@ __all__ = [
     "write_report",
 ]
 __version__ = "0.1.0"
-# ``i2x.train``-style functions that share their module's name: ``i2x.finetune`` and
-# ``i2x.experiment`` are the functions, as the documentation uses them.
-_FUNCTIONS_NAMED_LIKE_MODULES = ("finetune", "experiment")
 
 
 def __getattr__(name: str):
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
+    if name in _MODULES:
+        value = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    else:
         raise AttributeError(f"module 'i2x' has no attribute {name!r}")
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    is_module = module_name == name and name not in _FUNCTIONS_NAMED_LIKE_MODULES
-    value = module if is_module else getattr(module, name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 
 
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        # Importing the submodule i2x.experiment makes Python set the package attribute to the
-        # module; keep the function there instead.
-        if name in _FUNCTIONS_NAMED_LIKE_MODULES and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+# ``import i2x.curate`` / ``from i2x.strategies import ...``: the old module paths still import.
+_internal_aliases.install(__name__)
 
 # With torch already imported (the usual ``import torch, i2x``) loading the kernels costs little:
 # do it now, so that torch.ops.i2x.* exist at once and a build made for another torch is refused
 # at import rather than at first use.
 if "torch" in sys.modules:
-    from . import _loader  # noqa: F401
+    from i2x import _loader  # noqa: F401
 
 
 def __dir__():

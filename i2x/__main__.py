@@ -1,5 +1,5 @@
 """``python -m i2x`` is the ``i2x`` command."""
 
-from .cli import main
+from i2x.cli import main
 
 raise SystemExit(main())

@@ -13,7 +13,7 @@ def release_series(version: str) -> str:
 
 def _load_compiled():
     try:
-        from . import _build_config
+        from i2x import _build_config
     except ImportError as exc:  # a source checkout that was never built, or imported in place
         from pathlib import Path
 
@@ -36,7 +36,7 @@ def _load_compiled():
             f"torch=={built}.*."
         )
     try:
-        from . import _C
+        from i2x import _C
     except ImportError as exc:
         raise ImportError(
             f"i2x: the compiled module failed to load ({exc}). It was built against torch "

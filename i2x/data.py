@@ -49,9 +49,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 
-from ._util import describe as _describe
+from i2x._internal.checks import describe
 
 __all__ = [
     "load_recorded_dataset",
@@ -170,7 +178,7 @@ class ImageDataset(Dataset):
     def __post_init__(self) -> None:
         _check_images(self.images, "images")
         if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise TypeError(f"labels: expected an int64 tensor [N], got {_describe(self.labels)}")
+            raise TypeError(f"labels: expected an int64 tensor [N], got {describe(self.labels)}")
         if self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(
                 f"labels: expected {self.images.shape[0]} labels (one per image), got {self.labels.shape[0]}"
@@ -224,7 +232,7 @@ class ImageDataset(Dataset):
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` ``[..., C, H, W]`` back to pixels in [0, 1]: ``x * std + mean`` per channel."""
         if not isinstance(images, torch.Tensor) or images.dim() < 3 or images.shape[-3] != len(self.mean):
-            raise ValueError(f"images: expected a tensor [..., {len(self.mean)}, H, W], got {_describe(images)}")
+            raise ValueError(f"images: expected a tensor [..., {len(self.mean)}, H, W], got {describe(images)}")
         shape = (len(self.mean), 1, 1)
         std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(shape)
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(shape)
@@ -688,7 +696,7 @@ def _identity(batch):
 def batch_of(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images [B, C, H, W], labels [B])`` of ``dataset`` at ``indices``: one indexing operation
     for an :class:`ImageDataset` or a dataset with an ``i2x_batch(indices)`` method (the
-    ``i2x.strategies`` wrappers), item by item otherwise."""
+    ``i2x.loop.strategies`` wrappers), item by item otherwise."""
     indices = torch.as_tensor(indices, dtype=torch.int64)
     getter = getattr(dataset, "i2x_batch", None)
     if getter is not None:
@@ -699,7 +707,7 @@ def batch_of(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     for i in indices.tolist():
         item = dataset[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2 or not isinstance(item[0], torch.Tensor):
-            raise TypeError(f"dataset[{i}]: expected an (image tensor, label) pair, got {_describe(item)}")
+            raise TypeError(f"dataset[{i}]: expected an (image tensor, label) pair, got {describe(item)}")
         images.append(item[0])
         labels.append(int(item[1]))
     if not images:
@@ -730,14 +738,14 @@ def labels_of(dataset) -> torch.Tensor:
 
 def _check_images(images, arg: str) -> None:
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4:
-        raise TypeError(f"{arg}: expected a floating tensor [N, C, H, W], got {_describe(images)}")
+        raise TypeError(f"{arg}: expected a floating tensor [N, C, H, W], got {describe(images)}")
 
 
 def _as_label_tensor(labels) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(np.asarray(labels))
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels: expected integer labels, got {_describe(labels)}")
+        raise TypeError(f"labels: expected integer labels, got {describe(labels)}")
     if labels.dim() != 1:
         raise ValueError(f"labels: expected a 1-D tensor [N], got shape {tuple(labels.shape)}")
     return labels.to(torch.int64).cpu()
@@ -746,7 +754,7 @@ def _as_label_tensor(labels) -> torch.Tensor:
 def _as_index_tensor(indices, n: int, arg: str) -> torch.Tensor:
     idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices, dtype=np.int64))
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dtype.is_complex:
-        raise TypeError(f"{arg}: expected integer indices, got {_describe(idx)}")
+        raise TypeError(f"{arg}: expected integer indices, got {describe(idx)}")
     if idx.dim() != 1:
         raise ValueError(f"{arg}: expected a 1-D sequence of indices, got shape {tuple(idx.shape)}")
     idx = idx.to(torch.int64).cpu()

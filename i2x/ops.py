@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._loader import _C  # noqa: F401  (importing it registers torch.ops.i2x.*)
-from .reference import CAM_METHODS, GRADCAM_PLUSPLUS_EPS, XGRADCAM_EPS
-from .reference import opmath_dtype as _opmath
-from .reference import promoted_dtype as _promoted
+from i2x._loader import _C  # noqa: F401  (importing it registers torch.ops.i2x.*)
+from i2x.reference import CAM_METHODS, GRADCAM_PLUSPLUS_EPS, XGRADCAM_EPS
+from i2x.reference import opmath_dtype as _opmath
+from i2x.reference import promoted_dtype as _promoted
 
 __all__ = ["CAM_METHODS", "cam", "upsample_normalize", "prototype_assign", "prototype_pool", "saliency_pool"]
 

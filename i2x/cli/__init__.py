@@ -60,7 +60,7 @@ def _is_input_error(error: BaseException) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .._progress import configure
+    from i2x._internal.progress import configure
 
     configure(quiet=args.quiet or args.json)
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from ._common import COMMON, non_negative_int, positive_int
+from i2x.cli.common import COMMON, non_negative_int, positive_int
 
 
 def register(sub) -> None:
@@ -35,7 +35,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..bench import bench, format_table
+    from i2x.apps.bench import bench, format_table
 
     result = bench(args.model, batch=args.batch, size=args.size, device=args.device, dtype=args.dtype,
                    layer=args.layer, method=args.method, repeats=args.repeats, warmup=args.warmup,

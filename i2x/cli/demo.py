@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import COMMON, emit, int_list, positive_int
+from i2x.cli.common import COMMON, emit, int_list, positive_int
 
 
 def register(sub) -> None:
@@ -56,7 +56,7 @@ def register(sub) -> None:
 
 
 def _demo(args) -> int:
-    from ..pipeline import demo, summary_lines
+    from i2x.apps.demo import demo, summary_lines
 
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
     summary = demo(args.folder, quick=args.quick, full=args.full, data=args.data, root=args.data_root, arms=arms,
@@ -74,9 +74,9 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from ..data import load_dataset, training_subset
-    from ..finetune import calibration_images, evaluate
-    from ..pipeline import train_run
+    from i2x.apps.demo import train_run
+    from i2x.data import load_dataset, training_subset
+    from i2x.loop.training import calibration_images, evaluate
 
     full = load_dataset(args.data, root=args.data_root, train=True, size=args.size)
     train, record = training_subset(full, args.train_size, seed=0)

@@ -5,7 +5,7 @@
     i2x explain --model WEIGHTS IMAGE|FOLDER [IMAGE ...] [--arch NAME|module:factory|small-resnet]
                 [--run RUN] [--layer L] [--out DIR] [--top K] [--size S] [--device D] [--json]
         explain image files with a model (a run folder, or a weights file with --arch):
-        OUT/<stem>.png overlays and OUT/explanations.json (i2x.explain_files)
+        OUT/<stem>.png overlays and OUT/explanations.json (i2x.apps.explain_files)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import COMMON, positive_int
+from i2x.cli.common import COMMON, positive_int
 
 # Options of the second form only: given without --model they are a mistake, not ignored.
 _FILE_OPTIONS = ("arch", "run_dir", "layer", "out", "size", "device", "method")
@@ -64,7 +64,7 @@ def _explain_probe_sample(args) -> int:
         index = int(token)
     except ValueError:
         raise ValueError(f"INDEX: expected an integer probe index, got {token!r} (image files need --model WEIGHTS)") from None
-    from ..analysis import explain_sample
+    from i2x.analysis import explain_sample
 
     answer = explain_sample(Path(run_dir), index, top=args.top)
     print(json.dumps(answer.to_dict(), indent=2) if args.json else str(answer))
@@ -73,7 +73,7 @@ def _explain_probe_sample(args) -> int:
 
 def _explain_files(args) -> int:
     _refuse_probe_form(args.items)
-    from ..explain_files import DEFAULT_OUT, explain_files, format_explanations
+    from i2x.apps.explain_files import DEFAULT_OUT, explain_files, format_explanations
 
     result = explain_files(args.weights, args.items, arch=args.arch, run=args.run_dir, layer=args.layer,
                            out=args.out or Path(DEFAULT_OUT), top=args.top, size=args.size, device=args.device,

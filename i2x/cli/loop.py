@@ -6,8 +6,19 @@ from __future__ import annotations
 import json
 import sys
 
-from ._common import (COMMON, add_model_data_options, check_grid, class_index, class_label, int_list, key_value,
-                      open_run, positive_int, run_data, run_model)
+from i2x.cli.common import (
+    COMMON,
+    add_model_data_options,
+    check_grid,
+    class_index,
+    class_label,
+    int_list,
+    key_value,
+    open_run,
+    positive_int,
+    run_data,
+    run_model,
+)
 
 
 def register(sub) -> None:
@@ -47,7 +58,7 @@ def register(sub) -> None:
 
 def _rule_options(pairs: list[tuple[str, str]]) -> dict:
     """``--rule-option KEY=VALUE`` -> find_targets' options, typed by the defaults and checked."""
-    from ..curate import TARGET_DEFAULTS, _check_options
+    from i2x.loop.target_rule import TARGET_DEFAULTS, check_target_options
 
     options = {}
     for key, value in pairs:
@@ -69,14 +80,14 @@ def _rule_options(pairs: list[tuple[str, str]]) -> dict:
             raise ValueError(f"--rule-option {key}={value}: expected {'an integer' if isinstance(default, int) else 'a number'}"
                              + (" or 'otsu'" if key == "threshold" else "")) from None
     try:
-        _check_options(options)
+        check_target_options(options)
     except (ValueError, TypeError) as e:
         raise ValueError(f"--rule-option: {e}") from None
     return options
 
 
 def _curate(args) -> int:
-    from ..curate import NothingToCurate, find_targets
+    from i2x.loop import NothingToCurate, find_targets
 
     store = open_run(args.run)
     options = _rule_options(args.rule_options)
@@ -129,7 +140,7 @@ def _curate(args) -> int:
 
 
 def _arms(text: str) -> tuple[str, ...]:
-    from ..experiment import ALL_ARMS, QUICK_ARMS, _stages
+    from i2x.loop.experiments import ALL_ARMS, QUICK_ARMS, arm_stages
 
     if text.strip() == "quick":
         return QUICK_ARMS
@@ -143,14 +154,14 @@ def _arms(text: str) -> tuple[str, ...]:
             raise ValueError(f"--arms: arm {arm!r} needs Python objects (clean weights and data, or known regions): "
                              "use the Python API, i2x.experiment(clean=..., oracle=...)")
         try:
-            _stages(arm)
+            arm_stages(arm)
         except ValueError as e:
             raise ValueError(f"--arms: {e}") from None
     return arms
 
 
 def _experiment(args) -> int:
-    from ..experiment import experiment, results_markdown
+    from i2x.loop.experiments import experiment, results_markdown
 
     store = open_run(args.run)
     arms = _arms(args.arms)

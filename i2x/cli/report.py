@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import COMMON, emit
+from i2x.cli.common import COMMON, emit
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report import render_report
+    from i2x.report import render_report
 
     report = render_report(args.run, experiment=args.experiment, data_root=args.data_root,
                            progress=not (args.quiet or args.json))

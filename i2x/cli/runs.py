@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import COMMON, emit, int_list, positive_int
+from i2x.cli.common import COMMON, emit, int_list, positive_int
 
 
 def register(sub) -> None:
@@ -54,9 +54,9 @@ def register(sub) -> None:
 def _track(args) -> int:
     import torch
 
-    from ..data import load_dataset
-    from ..models import build_model
-    from ..track import Probe, track_checkpoints
+    from i2x.data import load_dataset
+    from i2x.models import build_model
+    from i2x.track import Probe, track_checkpoints
 
     dataset = load_dataset(args.dataset, root=args.data_root, train=args.split == "train")
     options = {"widths": args.widths} if args.widths else {}
@@ -78,7 +78,7 @@ def _track(args) -> int:
 
 
 def _analyze(args) -> int:
-    from ..analysis import analyze
+    from i2x.analysis import analyze
 
     names = ("ridge_lambda", "n_pairs", "uncertainty_score", "uncertainty_regression", "uncertainty_presence",
              "min_presence", "flag_fraction", "shared_presence", "separation_threshold")
@@ -104,12 +104,12 @@ def _analyze(args) -> int:
 
 def _info(args) -> int:
     if args.run is None:
-        from .._loader import build_info
+        from i2x._loader import build_info
 
         info = build_info()
         emit(args, info, lambda: "\n".join(f"{k}: {v}" for k, v in info.items()))
         return 0
-    from ..store import RunStore
+    from i2x.store import RunStore
 
     store = RunStore.open(args.run)
     m = store.manifest

@@ -29,7 +29,7 @@ except ImportError as e:  # an optional dependency: say how to get it
     raise ImportError("i2x.integrations.lightning needs the lightning package: pip install 'i2x[lightning]' "
                       "(or pip install 'lightning>=2.2')") from e
 
-from ..track import Tracker
+from i2x.track import Tracker
 
 __all__ = ["TrackerCallback"]
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cam import Explainer, _strip_wrapper, swin_reshape
+from i2x._internal.modules import unwrap_model
+from i2x.explain import Explainer, swin_reshape
 
 __all__ = ["ViTTokenGrid", "vit_reshape", "reshape_for", "default_layer", "explainer_for"]
 
@@ -57,7 +58,7 @@ class ViTTokenGrid:
     """
 
     def __init__(self, model: nn.Module):
-        inner = _strip_wrapper(model)
+        inner = unwrap_model(model)
         if not _is_vit(inner):
             raise TypeError(
                 f"vit_reshape: {_describe(inner)} is not a timm Vision Transformer (it needs num_prefix_tokens, "
@@ -114,8 +115,8 @@ def vit_reshape(model: nn.Module) -> ViTTokenGrid:
 
 def reshape_for(model: nn.Module):
     """The ``reshape=`` for :func:`default_layer`'s output: :func:`vit_reshape` for ViTs,
-    ``i2x.cam.swin_reshape`` for channels-last models (``output_fmt == "NHWC"``), None for CNNs."""
-    inner = _strip_wrapper(model)
+    ``i2x.swin_reshape`` for channels-last models (``output_fmt == "NHWC"``), None for CNNs."""
+    inner = unwrap_model(model)
     if _is_vit(inner):
         return vit_reshape(model)
     if str(getattr(inner, "output_fmt", "NCHW")) == "NHWC":
@@ -127,7 +128,7 @@ def default_layer(model: nn.Module) -> str:
     """The natural GradCAM target layer of a timm model, as a dotted name (see the module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"default_layer: expected a timm model (nn.Module), got {type(model).__name__}")
-    inner = _strip_wrapper(model)
+    inner = unwrap_model(model)
     if _is_vit(inner):
         last = len(inner.blocks) - 1
         if isinstance(getattr(inner.blocks[last], "norm1", None), nn.Module):

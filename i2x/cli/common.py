@@ -1,0 +1,123 @@
+"""What the subcommands share: the common options (``--quiet``, ``--json``, ``--debug``), argument
+types, and opening a run's model and data for the commands that rebuild them.
+
+Only the standard library is imported at module level: ``i2x --help`` must answer without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Every subcommand takes these (argparse ``parents=[COMMON]``).
+COMMON = argparse.ArgumentParser(add_help=False)
+_common = COMMON.add_argument_group("output")
+_common.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+_common.add_argument("--json", action="store_true", help="print one JSON document on stdout (implies --quiet)")
+_common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+
+
+def emit(args, data, text) -> None:
+    """Print ``data`` as JSON with ``--json``, else ``text`` (a string, or a callable giving one)."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text() if callable(text) else text)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def add_model_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="the run folder (made by i2x track or i2x.Tracker)")
+    p.add_argument("--data", required=True, help="the run's dataset by name: fashion-mnist, mnist, cifar10 or digits")
+    p.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="resize the images to SIZE px, as the run's model was trained (default: the dataset's size)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="the final weights (safetensors or a torch file; default: the run's weights.safetensors)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def open_run(path: Path):
+    from i2x.store import RunStore
+
+    return RunStore.open(path)
+
+
+def run_model(store, weights: Path | None, device):
+    """The run's final model (:func:`i2x.track.final_model`) on ``device``."""
+    import torch
+
+    from i2x.track import final_model
+
+    model = final_model(store, weights)
+    return model if device is None else model.to(torch.device(device))
+
+
+def run_data(store, args, train: bool = True):
+    """The run's dataset (one split) from ``--data``, ``--data-root`` and ``--size``, checked
+    against the run (:func:`i2x.data.dataset_for_run`)."""
+    from i2x.data import dataset_for_run
+
+    return dataset_for_run(store, args.data, root=args.data_root, train=train, size=args.size)
+
+
+def check_grid(model, store, data, device) -> None:
+    """The model's target layer on one image must give the run's grid (else: another image size)."""
+    from i2x.track import check_run_grid
+
+    layer = store.manifest["model"]["layer"]
+    try:
+        model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"the rebuilt model has no layer {layer!r} (the run's target layer)") from None
+    check_run_grid(store, model, layer, data.images[:1].to(device or "cpu"),
+                   "load the images at the size the run was trained on (--size)")
+
+
+def class_index(store, token: str) -> int:
+    names = store.classes
+    if token in names:
+        return names.index(token)
+    try:
+        c = int(token)
+    except ValueError:
+        raise ValueError(f"--pair: {token!r} is neither a class index nor one of the run's classes {names}") from None
+    if not 0 <= c < len(names):
+        raise ValueError(f"--pair: class index {c} is out of range for the run's {len(names)} classes")
+    return c
+
+
+def class_label(names: list[str], c: int) -> str:
+    return names[c] if names[c] == str(c) else f"{c} ({names[c]})"

@@ -1,0 +1,29 @@
+"""Stage 9, the closed loop: targets, the strategies acting on them, the explanation penalty,
+training and fine-tuning, the paired experiment, and planted marks to test it on.
+
+    targets.py      :class:`Targets` (what the loop acts on) and the strategies they hand out
+    target_rule.py  :func:`find_targets`: from flagged prototypes to targeted samples
+    strategies.py   torch Dataset / Sampler objects (exclude, perturb, transplant, reweight)
+    penalty.py      :class:`ExplanationPenalty`, a loss term on where the model looks
+    training.py     :func:`train`, :func:`finetune`, :func:`evaluate`
+    experiments.py  :func:`experiment`: arms x seeds, paired intervals, resumable
+    planted.py      :func:`plant_mark`: a known shortcut for testing the loop
+"""
+
+from i2x.loop.experiments import (
+           ALL_ARMS,
+           DEFAULT_ARMS,
+           QUICK_ARMS,
+           experiment,
+           load_results,
+)
+from i2x.loop.penalty import ExplanationPenalty
+from i2x.loop.planted import PlantedMark, plant_mark
+from i2x.loop.target_rule import TARGET_DEFAULTS, check_target_options, find_targets, otsu_threshold, separability
+from i2x.loop.targets import NothingToCurate, Targets, known_targets, load_targets
+from i2x.loop.training import evaluate, finetune, train
+
+__all__ = ["Targets", "NothingToCurate", "find_targets", "known_targets", "load_targets", "TARGET_DEFAULTS", "check_target_options",
+           "otsu_threshold", "separability",
+           "ExplanationPenalty", "train", "finetune", "evaluate", "experiment", "load_results", "ALL_ARMS",
+           "DEFAULT_ARMS", "QUICK_ARMS", "PlantedMark", "plant_mark"]

@@ -1,0 +1,543 @@
+"""Stage 9 of I2X, second half: the experiment. Arms x seeds of fine-tuning from the same final
+weights, paired statistics against the controls, written as ``RUN/<name>/results.json`` and
+``results.md`` after every finished (arm, seed) cell, so an interrupted experiment resumes at the
+next unfinished cell and never recomputes a finished one.
+
+An arm is a sequence of stages, each ``epochs_per_stage`` epochs of :func:`i2x.loop.training.finetune`
+on one strategy's data (``docs/experiments.md``)::
+
+    full          the training set as it is             curated      without the targets (exclude)
+    perturbed     targets' flagged cells hidden          transplanted flagged regions pasted into the rival class
+    reweighted    targets shown twice (sampler)          penalized    + ExplanationPenalty on the targets
+    random        as many random samples of the pair dropped (control for curated)
+    pairup        extra draws from the whole pair        hard         extra draws of the lowest-margin samples
+    oracle        ``oracle_strategy`` on known regions (a planted shortcut's true marks)
+
+``"a->b"`` runs stage a then stage b. Common random numbers: within a seed, every arm starts from
+bit-identical weights and every stage of epoch e draws its order from
+``epoch_permutation(N, seed, e)`` (a subset keeps that order minus its removed samples; a sampler
+slots its extra draws into it). ``clean`` (a planted-shortcut experiment) is ``full->full`` from
+other weights on another training set: the same recipe on unmarked data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from i2x._internal.checks import describe
+from i2x._internal.hashing import state_digest, tensor_digest
+from i2x._internal.modules import unwrap_model
+from i2x.data import labels_of
+from i2x.explain.explainer import Explainer
+from i2x.loop.penalty import ExplanationPenalty
+from i2x.loop.strategies import PERTURB_MODES, epoch_permutation
+from i2x.loop.targets import NothingToCurate, Targets
+from i2x.loop.training import (
+    FINETUNE_LR_FACTOR,
+    TRAIN_LR,
+    calibration_images,
+    evaluate,
+    finetune,
+)
+from i2x.store import (
+    RunStore,
+    RunStoreError,
+    atomic_write_bytes,
+    atomic_write_json,
+    open_run,
+)
+
+__all__ = [
+    "arm_stages","STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS", "QUICK_ARMS", "experiment", "paired_interval", "summarize",
+           "load_results"]
+
+STRATEGIES = ("full", "curated", "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
+              "oracle")
+_NEEDS_TARGETS = set(STRATEGIES) - {"full", "oracle"}
+ALL_ARMS = (
+    "full", "curated", "full->full", "curated->curated", "curated->full", "perturbed->full", "transplanted->full",
+    "reweighted->full", "penalized->full", "random->full", "pairup->full", "hard->full",
+    "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
+)
+DEFAULT_ARMS = ALL_ARMS
+QUICK_ARMS = ("full", "full->full", "curated->full", "transplanted->full", "random->full", "hard->full")
+RESULTS_SCHEMA = "i2x-experiment"
+
+
+def arm_stages(arm: str) -> tuple[str, ...]:
+    """The strategies of an arm in order (``"curated->full"`` -> ``("curated", "full")``), or ValueError."""
+    if arm == "clean":
+        return ("full", "full")
+    stages = tuple(arm.split("->"))
+    bad = [s for s in stages if s not in STRATEGIES]
+    if bad or not stages or len(stages) > 3:
+        raise ValueError(f"arm {arm!r}: expected 1-3 stages joined by '->' from {list(STRATEGIES)} (or 'clean'), "
+                         f"got unknown {bad}")
+    return stages
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in unwrap_model(model).state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _t_quantile(df: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # scipy comes with scikit-learn; the table covers the usual seed counts
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+        return table.get(df, 1.96)
+
+
+def paired_interval(values: Sequence[float]) -> dict:
+    """Mean, std and the 95% t-interval of paired differences over seeds (None bounds for one seed)."""
+    v = [float(x) for x in values]
+    n = len(v)
+    if n == 0:
+        raise ValueError("paired_interval: no values")
+    mean = sum(v) / n
+    if n == 1:
+        return {"mean": mean, "std": None, "lo": None, "hi": None, "n": 1, "excludes_zero": False}
+    sd = statistics.stdev(v)
+    half = _t_quantile(n - 1) * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    return {"mean": mean, "std": sd, "lo": lo, "hi": hi, "n": n, "excludes_zero": lo > 0 or hi < 0}
+
+
+def _cell_metrics(ev: dict, a: int, b: int) -> dict:
+    conf = ev["confusion"]
+    return {"accuracy": ev["accuracy"], "per_class": ev["per_class"], "a_as_b": int(conf[a][b]),
+            "b_as_a": int(conf[b][a]), "pair_confusions": int(conf[a][b] + conf[b][a]), "confusion": conf}
+
+
+def summarize(results: dict) -> dict:
+    """Per arm mean and std; paired differences against the references (``full->full`` or
+    ``full``, ``random->full`` or ``random``, the better of the pairup/hard baselines, and
+    ``clean`` with the share of the gap recovered). Fills ``results["summary"]`` and returns it."""
+    arms = results["arms"]
+    done = {arm: {int(s): c for s, c in entry.get("seeds", {}).items()} for arm, entry in arms.items()}
+    summary = {}
+    for arm, cells in done.items():
+        if not cells:
+            continue
+        acc = [c["accuracy"] for c in cells.values()]
+        pc = [c["pair_confusions"] for c in cells.values()]
+        summary[arm] = {
+            "seeds": sorted(cells), "accuracy_mean": statistics.fmean(acc),
+            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else None,
+            "pair_confusions_mean": statistics.fmean(pc), "pair_confusions_std": statistics.stdev(pc) if len(pc) > 1 else None,
+            "a_as_b_mean": statistics.fmean(c["a_as_b"] for c in cells.values()),
+            "b_as_a_mean": statistics.fmean(c["b_as_a"] for c in cells.values()),
+            "comparisons": {},
+        }
+
+    def best_baseline(two_stage: bool) -> str | None:
+        names = ("pairup->full", "hard->full") if two_stage else ("pairup", "hard")
+        have = [n for n in names if n in summary]
+        return min(have, key=lambda n: summary[n]["pair_confusions_mean"]) if have else None
+
+    for arm, entry in summary.items():
+        two = len(arm_stages(arm)) >= 2
+        refs = ["full->full", "random->full", best_baseline(True)] if two else ["full", "random", best_baseline(False)]
+        if "clean" in done and arm != "clean" and two:
+            refs.append("clean")
+        for ref in refs:
+            if ref is None or ref == arm or ref not in done:
+                continue
+            seeds = sorted(set(done[arm]) & set(done[ref]))
+            if not seeds:
+                continue
+            dconf = [done[arm][s]["pair_confusions"] - done[ref][s]["pair_confusions"] for s in seeds]
+            dacc = [100.0 * (done[arm][s]["accuracy"] - done[ref][s]["accuracy"]) for s in seeds]
+            ref_mean = statistics.fmean(done[ref][s]["pair_confusions"] for s in seeds)
+            comp = {"seeds": seeds, "pair_confusions": paired_interval(dconf), "accuracy_points": paired_interval(dacc),
+                    "relative_pair_confusions": (statistics.fmean(dconf) / ref_mean) if ref_mean else None}
+            entry["comparisons"][ref] = comp
+        if "clean" in done and "full->full" in done and arm not in ("clean", "full->full") and two:
+            seeds = sorted(set(done[arm]) & set(done["clean"]) & set(done["full->full"]))
+            gaps = []
+            for s in seeds:
+                gap = done["full->full"][s]["pair_confusions"] - done["clean"][s]["pair_confusions"]
+                if gap != 0:
+                    gaps.append((done["full->full"][s]["pair_confusions"] - done[arm][s]["pair_confusions"]) / gap)
+            if gaps:
+                entry["gap_recovered"] = paired_interval(gaps)
+    if "full->full" in summary:
+        summary["full->full"]["baseline_choice"] = best_baseline(True)
+    results["summary"] = summary
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def _fmt(x, digits=1, signed=False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _interval(c: dict, digits=1) -> str:
+    if c["lo"] is None:
+        return f"{_fmt(c['mean'], digits, True)} (1 seed)"
+    star = " *" if c["excludes_zero"] else ""
+    return f"{_fmt(c['mean'], digits, True)} [{_fmt(c['lo'], digits, True)}, {_fmt(c['hi'], digits, True)}]{star}"
+
+
+def results_markdown(results: dict) -> str:
+    """``results.md``: the arms table and the paired comparisons."""
+    a, b = results["pair"]
+    na, nb = results.get("pair_names", [str(a), str(b)])
+    s = results.get("summary") or summarize(results)
+    lines = [f"# Experiment: {na} vs {nb}", "",
+             f"Every arm starts from the run's final weights; {results['config']['epochs_per_stage']} epoch(s) per stage, "
+             f"lr {results['config']['lr']:g}, batch {results['config']['batch_size']}, precision "
+             f"{results['config']['precision']}; test set of {results['config']['test_size']} images; "
+             f"seeds {results['config']['seeds']}. Pair confusions = {na} predicted as {nb} + {nb} predicted as {na}.", ""]
+    if results.get("start"):
+        st = results["start"]
+        lines += [f"The final model before fine-tuning: accuracy {100 * st['accuracy']:.2f}%, pair confusions "
+                  f"{st['pair_confusions']} ({st['a_as_b']} + {st['b_as_a']}).", ""]
+    if results.get("targets"):
+        t = results["targets"]
+        per = "; ".join(f"{v['name']}: {v['targets']} of {v['samples']} ({100 * v['share']:.1f}%)"
+                        for v in t["per_class"].values())
+        protos = ", ".join(f"{p['prototype']} ({p['kind']})" for p in t["prototypes"])
+        lines += [f"Targets: {t['targets']} samples ({per}); prototypes {protos}.", ""]
+    lines += ["| arm | seeds | accuracy % | pair confusions | a->b | b->a |", "|---|---|---|---|---|---|"]
+    for arm in results["arms"]:
+        if arm in s:
+            e = s[arm]
+            acc_sd = "" if e["accuracy_std"] is None else f" +- {100 * e['accuracy_std']:.2f}"
+            pc_sd = "" if e["pair_confusions_std"] is None else f" +- {e['pair_confusions_std']:.1f}"
+            lines.append(f"| {arm} | {len(e['seeds'])} | {100 * e['accuracy_mean']:.2f}{acc_sd} | "
+                         f"{e['pair_confusions_mean']:.1f}{pc_sd} | {e['a_as_b_mean']:.1f} | {e['b_as_a_mean']:.1f} |")
+        elif results["arms"][arm].get("skipped"):
+            lines.append(f"| {arm} | skipped: {results['arms'][arm]['skipped']} | | | | |")
+    lines += ["", "Paired differences (arm - reference) over seeds, mean [95% t-interval]; * = the interval excludes 0.", "",
+              "| arm | reference | pair confusions | relative | accuracy (points) | gap recovered |", "|---|---|---|---|---|---|"]
+    for arm in results["arms"]:
+        if arm not in s:
+            continue
+        for ref, c in s[arm]["comparisons"].items():
+            rel = "-" if c["relative_pair_confusions"] is None else f"{100 * c['relative_pair_confusions']:+.1f}%"
+            gap = _interval(s[arm]["gap_recovered"], 2) if ref == "clean" and "gap_recovered" in s[arm] else ""
+            lines.append(f"| {arm} | {ref} | {_interval(c['pair_confusions'])} | {rel} | "
+                         f"{_interval(c['accuracy_points'], 2)} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_results(run, name: str = "experiment") -> dict:
+    """``RUN/<name>/results.json``."""
+    store = open_run(run)
+    path = store.path / name / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"run {store.path} has no {name}/results.json: run i2x.experiment first")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunStoreError(f"{path} is not valid JSON ({e}); remove it to start the experiment again") from None
+    if not isinstance(data, dict) or data.get("schema") != RESULTS_SCHEMA:
+        raise RunStoreError(f"{path} is not an i2x experiment (schema is not {RESULTS_SCHEMA!r})")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Running it
+
+
+class _Stage:
+    """How one stage feeds the loop: the dataset, and the positions of each epoch."""
+
+    def __init__(self, data, order=None, sampler=None, penalty_targets=None):
+        self.data, self.order, self.sampler, self.penalty_targets = data, order, sampler, penalty_targets
+
+
+class _Arms:
+    """Builds every strategy's data for a seed (memoised: a stage built once serves every arm)."""
+
+    def __init__(self, train, targets: Targets | None, oracle: Targets | None, oracle_strategy: str,
+                 perturb_mode: str):
+        self.train, self.targets, self.oracle = train, targets, oracle
+        self.oracle_strategy, self.perturb_mode = oracle_strategy, perturb_mode
+        self.n = len(train)
+        self._cache: dict = {}
+
+    def _permuted(self, seed: int, keep: torch.Tensor | None = None):
+        n = self.n
+
+        def order(epoch: int) -> torch.Tensor:
+            perm = epoch_permutation(n, seed, epoch)
+            return perm if keep is None else perm[keep[perm]]
+
+        return order
+
+    def stage(self, strategy: str, seed: int) -> _Stage:
+        key = (strategy, seed)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[1] == seed}  # one seed's data at a time
+            self._cache[key] = self._build(strategy, seed)
+        return self._cache[key]
+
+    def _build(self, strategy: str, seed: int) -> _Stage:
+        t = self.targets
+        if strategy == "oracle":
+            if self.oracle is None:
+                raise ValueError("arm 'oracle': pass oracle=Targets of the known regions")
+            t, strategy = self.oracle, self.oracle_strategy
+        if strategy == "full":
+            return _Stage(self.train, self._permuted(seed))
+        if strategy in ("curated", "random"):
+            keep = torch.ones(self.n, dtype=torch.bool)
+            drop = t.target_indices if strategy == "curated" else t.indices[t.random_rows(seed)]
+            keep[drop] = False
+            if strategy == "curated":
+                t.refuse_emptied_class(self.train, keep)
+            return _Stage(self.train, self._permuted(seed, keep))
+        if strategy == "perturbed":
+            return _Stage(t.perturbed(self.train, self.perturb_mode, seed=seed), self._permuted(seed))
+        if strategy == "transplanted":
+            return _Stage(t.transplanted(self.train, seed=seed), self._permuted(seed))
+        if strategy == "penalized":
+            return _Stage(self.train, self._permuted(seed), penalty_targets=t)
+        sampler = {"reweighted": t.sampler, "pairup": t.pairup_sampler, "hard": t.hard_sampler}[strategy](self.train, seed=seed)
+        return _Stage(self.train, sampler=sampler)
+
+
+def _check_pair_dataset(targets: Targets | None, train, test, m: int) -> None:
+    for name, ds in (("train_dataset", train), ("test_dataset", test)):
+        if len(ds) == 0:
+            raise ValueError(f"{name} is empty")
+        labels = labels_of(ds)
+        if int(labels.max()) >= m or int(labels.min()) < 0:
+            raise ValueError(f"{name}: labels in [{int(labels.min())}, {int(labels.max())}] but the run has {m} classes")
+    if targets is not None:
+        targets.check_dataset(train)
+
+
+def experiment(
+    run,
+    model: nn.Module,
+    train_dataset,
+    test_dataset,
+    arms: Sequence[str] = DEFAULT_ARMS,
+    seeds: int | Sequence[int] = 5,
+    targets: Targets | None = None,
+    *,
+    epochs_per_stage: int = 1,
+    lr: float | None = None,
+    train_lr: float = TRAIN_LR,
+    batch_size: int = 128,
+    perturb_mode: str = "fill",
+    penalty_weight: float = 1.0,
+    oracle: Targets | None = None,
+    oracle_strategy: str = "transplanted",
+    clean: tuple[dict, object] | None = None,
+    precision: str = "auto",
+    device=None,
+    name: str = "experiment",
+    progress: bool = False,
+    log=None,
+) -> dict:
+    """Run (or resume) the arms x seeds of fine-tuning and write ``RUN/<name>/results.json`` + ``.md``.
+
+    Args:
+        run: the run folder (or ``RunStore``); its targets are read from it unless ``targets`` is given.
+        model: the run's final model (left as it is: every cell trains a copy).
+        train_dataset / test_dataset: the training set the targets index, and the evaluation set.
+        arms: names from :data:`ALL_ARMS`, ``"oracle->full"`` (with ``oracle``) and ``"clean"`` (with ``clean``).
+        seeds: how many (0..n-1) or which.
+        epochs_per_stage, lr (default ``0.1 * train_lr``), batch_size, precision: the one recipe every arm gets.
+        perturb_mode: ``fill``, ``blur`` or ``noise`` for ``perturbed``; penalty_weight: for ``penalized``.
+        oracle: Targets built from known regions; ``oracle_strategy`` is what the oracle arm does with them.
+        clean: ``(state_dict, clean_train_dataset)`` for the ``clean`` arm.
+        log: a callable taking a line of progress text (default: silent).
+
+    Arms that need targets are skipped, with the reason in the results, when the run has none to
+    curate (no flagged prototype). Returns the results dict (also on disk).
+    """
+    from i2x.loop.targets import load_targets
+
+    store = open_run(run)
+    store.lock_for_writing()  # results.json is written beside the store's own files
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected a positive count or distinct seeds, got {seeds!r}")
+    arms = list(dict.fromkeys(arms))
+    for arm in arms:
+        arm_stages(arm)
+    if perturb_mode not in PERTURB_MODES:
+        raise ValueError(f"perturb_mode: expected one of {list(PERTURB_MODES)}, got {perturb_mode!r}")
+    if oracle_strategy not in STRATEGIES or oracle_strategy in ("oracle", "full"):
+        raise ValueError(f"oracle_strategy: expected a strategy that uses targets, got {oracle_strategy!r}")
+    if "clean" in arms and clean is None:
+        raise ValueError("arm 'clean' needs clean=(state_dict, clean_train_dataset)")
+    if any("oracle" in arm_stages(a) for a in arms) and oracle is None:
+        raise ValueError("oracle arms need oracle=Targets of the known regions")
+    lr = FINETUNE_LR_FACTOR * float(train_lr) if lr is None else float(lr)
+    skip_reason = None
+    if targets is None:
+        try:
+            targets = load_targets(store)
+        except FileNotFoundError:
+            skip_reason = "the run has no targets (run find_targets / i2x curate)"
+        except NothingToCurate as e:
+            skip_reason = str(e)
+    m = store.num_classes
+    _check_pair_dataset(targets, train_dataset, test_dataset, m)
+    pair = list(targets.pair) if targets is not None else None
+    if pair is None:
+        entry = store.read_json("analysis")["uncertainty"] if (store.path / "analysis.json").exists() else []
+        if not entry:
+            raise ValueError(f"run {store.path}: no targets and no analysed pair; run i2x.analyze and find_targets")
+        pair = list(entry[0]["pair"])
+        skip_reason = skip_reason or f"nothing to curate for {tuple(pair)}"
+    a, b = pair
+
+    start = _state(model)
+    folder = store.path / name
+    folder.mkdir(exist_ok=True)
+    config = {
+        "pair": pair, "epochs_per_stage": int(epochs_per_stage), "lr": lr, "batch_size": int(batch_size),
+        "precision": precision, "perturb_mode": perturb_mode, "penalty_weight": float(penalty_weight),
+        "oracle_strategy": oracle_strategy, "start_weights": state_digest(start),
+        "targets": None if targets is None else tensor_digest(targets.indices[targets.selected]),
+        "oracle": None if oracle is None else tensor_digest(oracle.indices[oracle.selected]),
+        "train_size": len(train_dataset), "test_size": len(test_dataset),
+        "clean_weights": None if clean is None else state_digest(clean[0]),
+    }
+    results = _open_results(folder, config, store, pair)
+    results["config"]["seeds"] = sorted(set(results["config"].get("seeds", [])) | set(seeds))
+    results["targets"] = targets.summary() if targets is not None else None
+    for arm in arms:
+        results["arms"].setdefault(arm, {"stages": list(arm_stages(arm)), "seeds": {}})
+        needs = set(arm_stages(arm)) & _NEEDS_TARGETS
+        if targets is None and needs:
+            results["arms"][arm]["skipped"] = skip_reason
+    calibration = calibration_images(train_dataset)
+    if results.get("start") is None:
+        results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device, num_classes=m), a, b)
+    _write(folder, results)
+
+    builder = _Arms(train_dataset, targets, oracle, oracle_strategy, perturb_mode)
+    clean_builder = _Arms(clean[1], None, None, oracle_strategy, perturb_mode) if clean else None
+    work = copy.deepcopy(unwrap_model(model))
+    say = log or (lambda line: None)
+    recipe = dict(epochs_per_stage=epochs_per_stage, lr=lr, batch_size=batch_size, precision=precision, device=device,
+                  progress=progress, penalty_weight=penalty_weight, layer=store.manifest["model"]["layer"],
+                  method=store.manifest["model"].get("method", "gradcam"))
+    for seed in seeds:
+        prefixes: dict[tuple, dict] = {}  # stage prefix -> weights after it, this seed only
+        for arm in arms:
+            entry = results["arms"][arm]
+            if entry.get("skipped") or str(seed) in entry["seeds"]:
+                continue
+            is_clean = arm == "clean"
+            began = time.perf_counter()
+            try:
+                fit_stats = _train_stages(work, arm_stages(arm), clean[0] if is_clean else start,
+                                          clean_builder if is_clean else builder, seed, prefixes,
+                                          ("clean",) if is_clean else (), recipe)
+            except NothingToCurate as e:  # e.g. no sample of the other class left to transplant into
+                entry["skipped"] = str(e)
+                _write(folder, results)
+                say(f"{arm}: skipped ({e})")
+                continue
+            cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m), a, b)
+            cell["seconds"] = time.perf_counter() - began
+            cell["fit"] = fit_stats
+            entry["seeds"][str(seed)] = cell
+            summarize(results)
+            _write(folder, results)
+            say(f"{arm} seed {seed}: accuracy {100 * cell['accuracy']:.2f}%, pair confusions {cell['pair_confusions']} "
+                f"({cell['seconds']:.0f} s)")
+    summarize(results)
+    _write(folder, results)
+    store.record_stage(name, {"arms": arms, "seeds": results["config"]["seeds"], "files": [f"{name}/results.json",
+                                                                                            f"{name}/results.md"]})
+    return results
+
+
+def _train_stages(work: nn.Module, stages, weights, arms_data: _Arms, seed: int, prefixes: dict, tag: tuple,
+                  recipe: dict) -> list[dict]:
+    """Leave ``work`` holding the weights after ``stages`` from ``weights``; a prefix already
+    trained in this seed (``full`` before ``full->full``) is reused, not trained again."""
+    fit_stats = []
+    state = weights
+    for i, strategy in enumerate(stages):
+        key = tag + stages[:i + 1]
+        if key in prefixes:
+            state = prefixes[key]
+            continue
+        work.load_state_dict(state)
+        st = arms_data.stage(strategy, seed)
+        penalty = None
+        if st.penalty_targets is not None:
+            explainer = Explainer(work, recipe["layer"], method=recipe["method"])
+            penalty = ExplanationPenalty(explainer, st.penalty_targets, recipe["penalty_weight"])
+        offset = i * recipe["epochs_per_stage"]  # stage i's epochs continue the seed's epoch count
+        if st.order is not None:
+            def order(epoch, _o=st.order, _off=offset):
+                return _o(epoch + _off)
+        else:
+            order = _sampler_order(st.sampler, offset)
+        stats = finetune(work, st.data, epochs=recipe["epochs_per_stage"], lr=recipe["lr"],
+                         batch_size=recipe["batch_size"], seed=seed, order=order, penalty=penalty,
+                         precision=recipe["precision"], device=recipe["device"], progress=recipe["progress"])
+        fit_stats.append(stats.to_dict())
+        state = _state(work)
+        prefixes[key] = state
+    work.load_state_dict(state)
+    return fit_stats
+
+
+def _sampler_order(sampler, offset: int):
+    def order(epoch: int) -> torch.Tensor:
+        sampler.set_epoch(epoch + offset)
+        return sampler.order()
+
+    return order
+
+
+def _open_results(folder: Path, config: dict, store: RunStore, pair) -> dict:
+    path = folder / "results.json"
+    if path.exists():
+        results = load_results(store, folder.name)
+        old = {k: v for k, v in results["config"].items() if k != "seeds"}
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ValueError(f"{path} holds an experiment with other settings ({', '.join(diff)} differ); "
+                             f"give the experiment another name (name=, --name) or remove {folder} to start again")
+        return results
+    names = store.classes
+    return {"schema": RESULTS_SCHEMA, "schema_version": 1, "pair": pair, "pair_names": [names[pair[0]], names[pair[1]]],
+            "config": dict(config), "start": None, "arms": {}}
+
+
+def _write(folder: Path, results: dict) -> None:
+    path = folder / "results.json"
+    if path.exists():
+        try:
+            if json.loads(path.read_text()) == json.loads(json.dumps(results)):
+                return  # a resume that computed nothing leaves the files (and their times) alone
+        except (OSError, ValueError):
+            pass
+    atomic_write_json(path, results)
+    atomic_write_bytes(folder / "results.md", results_markdown(results).encode())

@@ -1,0 +1,455 @@
+"""The six sections of the HTML report (:mod:`i2x.report`), one function each, from a loaded run
+(:class:`i2x.report.loading.LoadedRun`) to an HTML fragment. Every string from the run goes through :func:`_e`."""
+
+from __future__ import annotations
+
+import html
+import shlex
+
+import numpy as np
+import torch
+
+from i2x.analysis.readings import confusion_matrices as readings_confusion
+from i2x.analysis.readings import most_confused_pairs
+from i2x.loop.experiments import paired_interval, results_markdown
+from i2x.loop.strategies import mass_share, pixel_masks
+from i2x.loop.targets import NothingToCurate
+from i2x.ops import upsample_normalize
+from i2x.report import figures
+from i2x.report.loading import LoadedRun
+from i2x.report.numbers import (
+    confusion_matrices,
+    exemplar_patches_at,
+    probe_accuracy,
+    prototype_presence,
+)
+
+__all__ = ["SECTIONS", "BUILDERS", "markdown_html", "most_confused", "cam_samples", "experiment_series"]
+
+#: ``(id, title)`` of the report's sections, in order; the ids are the ``<section id>`` anchors.
+SECTIONS = (("overview", "Overview"), ("prototypes", "Prototypes"), ("training", "Training"),
+            ("uncertain", "Uncertain prototypes"), ("curation", "Curation"), ("experiment", "Experiment"))
+
+_N_TILES = 6          # CAM overlays per confused pair
+_N_BEFORE_AFTER = 4   # targets shown per curation strategy
+_N_TIMELINE_LINES = 6
+_N_TIMELINE_ROWS = 12
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _img(png: bytes, alt: str, cls: str = "chart") -> str:
+    return f'<img class="{cls}" src="{figures.data_uri(png)}" alt="{_e(alt)}">'
+
+
+def _table(header: list[str] | None, rows: list[list], raw_columns: tuple[int, ...] = ()) -> str:
+    """A table (no header row when ``header`` is None), every cell escaped except the columns in
+    ``raw_columns`` (HTML built here)."""
+    head = "" if header is None else "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>"
+    body = "".join("<tr>" + "".join(f"<td>{v if j in raw_columns else _e(v)}</td>" for j, v in enumerate(row))
+                   + "</tr>" for row in rows)
+    return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def _tile(rgb: np.ndarray, caption: str) -> str:
+    png = figures.rgb_png(figures.upscale(rgb))
+    return f'<figure class="tile">{_img(png, caption, "tile")}<figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _group(tiles: list[str]) -> str:
+    """Tiles that belong together (one target's before and after), kept on one line."""
+    return '<div class="group">' + "".join(tiles) + "</div>"
+
+
+def _link(k: int) -> str:
+    return f'<a href="#prototype-{int(k)}">{int(k)}</a>'
+
+
+def markdown_html(text: str) -> str:
+    """The markdown ``i2x.experiment.results_markdown`` writes (headings, paragraphs, pipe tables)
+    as HTML, every cell escaped."""
+    out, table = [], []
+
+    def flush():
+        if table:
+            rows = [row for row in table if not set(row.replace("|", "").strip()) <= set("-: ")]
+            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
+            out.append(_table(cells[0], cells[1:]))
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            out.append(f"<h3>{_e(line.lstrip('#').strip())}</h3>")
+        elif line.strip():
+            out.append(f"<p>{_e(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _pixels(data, image: torch.Tensor) -> np.ndarray:
+    """A stored (normalised) image ``[C, H, W]`` as ``[H, W, 3]`` uint8 pixels."""
+    return figures.to_rgb(data.denormalize(image.float()).numpy())
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Overview
+
+
+def most_confused(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> str:
+    """The pair with the most confusions at one checkpoint (``probs [N, M]``), ranked as the
+    analysis ranks them (hard confusions, ties by the soft ones, then by the pair)."""
+
+    hard, soft = readings_confusion(probs[None], labels)
+    sizes = torch.bincount(labels, minlength=len(classes))
+    pairs = most_confused_pairs(hard[0], soft[0], sizes, 1)
+    a, b = pairs[0] if pairs else (0, 0)
+    n_ab, n_ba = int(hard[0, a, b]), int(hard[0, b, a])
+    if not pairs or n_ab + n_ba == 0:
+        return "none: no probe sample is confused between two classes"
+    return (f"{classes[a]} vs {classes[b]}: {n_ab + n_ba} confusions ({n_ab} + {n_ba}) among the pair's "
+            f"{int(sizes[a] + sizes[b])} probe samples")
+
+
+def overview(r: LoadedRun) -> str:
+    store, m = r.store, r.store.manifest
+    model = m["model"]
+    rows = [["run", str(store.path.resolve())],
+            ["model", f"{model.get('name')} (layer {model.get('layer')}, {model.get('method', 'gradcam')})"],
+            ["dataset", f"{m['dataset'].get('name', 'unknown')} ({m['dataset'].get('split', '?')} split)"],
+            ["classes", f"{store.num_classes}: " + ", ".join(store.classes)],
+            ["probe", f"{store.probe_size} samples, grid {'x'.join(map(str, store.grid or ())) or '-'}"],
+            ["checkpoints", f"{len(r.steps)}: steps " + (", ".join(map(str, r.steps)) or "none")]]
+    if r.probs is not None:
+        final = r.probs[-1]
+        rows.append(["final probe accuracy", f"{100 * float((final.argmax(1) == r.labels).double().mean()):.2f}%"])
+        rows.append(["most confused pair (final checkpoint)", most_confused(final, r.labels, store.classes)])
+    targets = "yes" if r.targets is not None else (
+        "nothing to curate" if (r.targets_note or "").startswith("nothing") else "no")
+    stages = [("checkpoints", "yes" if r.steps else "no"), ("prototypes", "yes" if r.protos is not None else "no"),
+              ("analysis", "yes" if (store.path / "analysis.json").exists() else "no"), ("targets", targets),
+              ("final weights", "yes" if (store.path / "weights.safetensors").exists() else "no"),
+              (f"experiment '{r.experiment}'", "yes" if r.results is not None else "no")]
+    rows.append(["stages", ", ".join(f"{n}: {v}" for n, v in stages)])
+    links = " ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS[1:])
+    return f"<nav>{links}</nav>" + _table(None, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Prototypes
+
+
+def _roles(analysis, classes: list[str]) -> dict[int, dict[str, list[str]]]:
+    """prototype -> {"shared": [class names], "specialised": [...]} from the analysis."""
+    out: dict[int, dict[str, list[str]]] = {}
+    for entry in analysis.data["per_class"] if analysis is not None else []:
+        for role in ("shared", "specialised"):
+            for p in entry.get(role, []):
+                out.setdefault(int(p["prototype"]), {"shared": [], "specialised": []})[role].append(
+                    classes[int(entry["class"])])
+    return out
+
+
+def _exemplar_strip(r: LoadedRun, k: int) -> str:
+    patches = exemplar_patches_at(r.protos.exemplars, r.probe_indices, r.data.images, r.store.grid, k, context=1)
+    if not patches:
+        return '<p class="muted">no exemplars (the prototype holds no position)</p>'
+    # The nearest exemplar in its whole image first (the patch outlined), then every patch.
+    first = patches[0]
+    image = figures.upscale(_pixels(r.data, r.data.images[first["dataset_index"]]))
+    factor = image.shape[0] // r.data.images.shape[-2]
+    top, left, height, width = (v * factor for v in first["box"])
+    box = np.zeros(image.shape[:2], dtype=bool)
+    box[top:top + height, left:left + width] = True
+    tiles = [figures.outline(image, box, (255, 80, 0))] + [_pixels(r.data, p["patch"]) for p in patches]
+    alt = f"prototype {k}: its nearest exemplar in its image, then {len(patches)} exemplar patches"
+    return _img(figures.rgb_png(figures.strip(tiles, height=64)), alt, "strip")
+
+
+def prototypes(r: LoadedRun) -> str:
+    if r.protos is None:
+        return r.note("not run yet: no prototypes; finish the tracker with prototypes (`Tracker.finish()`, "
+                      "or `i2x track` without `--no-prototypes`)")
+    classes, k = r.store.classes, r.protos.n_prototypes
+    presence = prototype_presence(r.protos.assignment, r.labels, len(classes), k)
+    counts = r.protos.counts()
+    roles = _roles(r.analysis, classes)
+    parts = [f"<p>{k} prototypes: clusters of the final model's features at the target layer, one per kind of image "
+             "region. Presence: the share of a class's probe images with at least one grid cell of the prototype. "
+             "Each card shows the nearest exemplar in its whole image (the patch outlined), then the exemplar "
+             "patches, nearest first: the cell and one cell around it.</p>",
+             _img(figures.presence_heatmap(presence.numpy(), classes), "presence of each prototype per class")]
+    if r.analysis is None:
+        parts.append(r.note(r.analysis_note + " (to see which prototypes are shared and specialised)"))
+    if r.data is None:
+        parts.append(r.note(r.data_note))
+    total = max(1, int(r.protos.assignment.numel()))
+    for j in range(k):
+        top = [c for c in torch.argsort(presence[:, j], descending=True, stable=True).tolist() if presence[c, j] >= 0.1]
+        in_classes = ", ".join(f"{_e(classes[c])} ({_pct(float(presence[c, j]))})" for c in top[:6]) or "none above 10%"
+        role = roles.get(j, {"shared": [], "specialised": []})
+        lines = [f"{int(counts[j])} grid cells ({100 * int(counts[j]) / total:.1f}%); present in {in_classes}"]
+        if role["shared"]:
+            lines.append("shared by " + ", ".join(map(_e, role["shared"])))
+        if role["specialised"]:
+            lines.append("specialised in " + ", ".join(map(_e, role["specialised"])))
+        strip = _exemplar_strip(r, j) if r.data is not None else ""
+        parts.append(f'<div class="proto" id="prototype-{j}"><b>prototype {j}</b> '
+                     f'<span class="muted">{"; ".join(lines)}</span>{strip}</div>')
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Training
+
+
+def training(r: LoadedRun) -> str:
+    if not r.steps:
+        return r.note("not run yet: no finished checkpoints; track the run (`i2x train` or `i2x track`)")
+    classes = r.store.classes
+    steps, hard = confusion_matrices(r.store)
+    _, accuracy = probe_accuracy(r.store)
+    parts = ["<h3>Probe accuracy</h3>", _img(figures.accuracy_chart(steps, accuracy.tolist()), "probe accuracy"),
+             "<h3>Confusion matrices</h3><p>Per checkpoint, from the stored softmax of the probe images: row = true "
+             "class, column = predicted, each row scaled to its class's size. Then the final one with counts.</p>",
+             _img(figures.confusion_grid(steps, hard.numpy()), "confusion matrix per checkpoint"),
+             _img(figures.confusion_chart(hard[-1].numpy(), classes, f"final checkpoint (step {steps[-1]})"),
+                  "final confusion matrix")]
+    parts.append("<h3>beta<sup>t</sup>: which prototype raised which class's confidence</h3>")
+    if r.analysis is None:
+        parts.append(r.note(r.analysis_note))
+        return "\n".join(parts)
+    a = r.analysis
+    key = ", ".join(f"{i} = {_e(c)}" for i, c in enumerate(classes))
+    parts += [f"<p>The pooled ridge regression of confidence changes on prototype-intensity changes, one panel per "
+              f"transition between checkpoints (rows: prototypes 0..{a.data['num_prototypes'] - 1}, columns: classes "
+              f"{key}). Red: a rise of the prototype raised the class's confidence.</p>",
+              _img(figures.beta_panels(a.data["transitions"], a.beta_pooled.numpy(), classes), "beta per transition")]
+    parts += _timeline(r)
+    return "\n".join(parts)
+
+
+def _timeline(r: LoadedRun) -> list[str]:
+    a = r.analysis
+    entries = a.data["timeline"]
+    threshold = a.options["separation_threshold"]
+    worst = sorted(entries, key=lambda e: (-max(e["error"]), e["pair"]))[:_N_TIMELINE_LINES]
+    series = [(" vs ".join(e["names"]), e["error"]) for e in worst]
+    parts = ["<h3>Separation timeline</h3>",
+             f"<p>The pair error rate (a taken for b plus b taken for a, over the pair's probe images) of the "
+             f"{len(series)} pairs confused most; a pair is separated from the checkpoint on which it stays at or "
+             f"below {threshold:g}.</p>",
+             _img(figures.separation_chart(a.steps, series, threshold), "pair error rates over training")]
+    shown = [e for e in entries if e["status"] != "separated from the start"]
+    rows = []
+    for e in shown[:_N_TIMELINE_ROWS]:
+        protos = ", ".join(f"{_link(p['prototype'])} (d {p['d']:+.3g})" for p in e.get("prototypes") or []) or "-"
+        at = "-" if e["separated_at"] is None else str(e["separated_at"])
+        rows.append([_e(" vs ".join(e["names"])), _e(e["status"]), at, f"{e['final_error']:.3f}", protos])
+    if rows:
+        parts.append(_table(["pair", "status", "separated at step", "final error", "prototypes that did it (d > 0: "
+                             "towards the first class)"], rows, raw_columns=(0, 1, 4)))
+    rest = len(entries) - len(rows)
+    if rest:
+        parts.append(f'<p class="muted">{rest} more pairs not listed ({len(entries) - len(shown)} separated from the '
+                     "start).</p>")
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Uncertain prototypes
+
+
+def cam_samples(r: LoadedRun, pair: tuple[int, int], prototypes: list[int], n: int = _N_TILES) -> list[tuple[int, float, bool]]:
+    """Probe rows of the pair to show with their CAM: ``(row, share, is_target)``, the curation
+    targets among the probe first, then by the share of the final CAM mass on the prototypes' cells."""
+
+    a, b = pair
+    rows = ((r.labels == a) | (r.labels == b)).nonzero().flatten()
+    if rows.numel() == 0 or not prototypes:
+        return []
+    cells = torch.isin(r.protos.assignment[rows], torch.tensor(prototypes))
+    share = mass_share(r.final_saliency[rows], cells)
+    targeted = torch.zeros(rows.numel(), dtype=torch.bool)
+    if r.targets is not None and tuple(r.targets.pair) == (a, b):
+        targeted = torch.isin(r.probe_indices[rows], r.targets.target_indices)
+    order = sorted(range(rows.numel()), key=lambda i: (not bool(targeted[i]), -float(share[i]), i))[:n]
+    return [(int(rows[i]), float(share[i]), bool(targeted[i])) for i in order]
+
+
+def _cam_tile(r: LoadedRun, row: int, prototypes: list[int]) -> np.ndarray:
+
+    image = r.data.images[int(r.probe_indices[row])]
+    hw = tuple(image.shape[-2:])
+    heat = upsample_normalize(r.final_saliency[row][None], hw)[0].numpy()
+    rgb = figures.upscale(figures.overlay(_pixels(r.data, image), heat))
+    cells = torch.isin(r.protos.assignment[row], torch.tensor(prototypes))
+    mask = figures.upscale(pixel_masks(cells[None], hw)[0].numpy())
+    return figures.outline(rgb, mask)
+
+
+def uncertain(r: LoadedRun) -> str:
+    if r.analysis is None:
+        return r.note(r.analysis_note)
+    a = r.analysis
+    entries = a.data["uncertainty"]
+    if not entries:
+        return "<p>The analysis examined no pair (n_pairs = 0).</p>"
+    classes = r.store.classes
+    parts = ["<p>For the most confused pairs (a, b): d<sub>k</sub><sup>t</sup> = beta<sup>t</sup>[k, a] - "
+             "beta<sup>t</sup>[k, b], how a rise of prototype k moved the decision between the two at each transition. "
+             "Ambivalent prototypes push both ways over training; decisive ones push one way all along (shortcut "
+             "candidates). The overlays show the final CAM of probe images of the pair (curation targets first, then "
+             "those with the largest share of CAM mass on the flagged prototypes' cells, outlined white).</p>"]
+    if r.data is None:
+        parts.append(r.note(r.data_note))
+    for u in entries:
+        pa, pb = (int(v) for v in u["pair"])
+        flagged = a.flagged_prototypes(pa, pb)
+        parts.append(f"<h3>{_e(classes[pa])} vs {_e(classes[pb])}</h3><p>{u['hard_confusions']} confusions at the final "
+                     f"checkpoint among {u['n_samples']} probe images; regression {_e(u['regression'])}, score "
+                     f"{_e(u['score'])}.</p>")
+        if not flagged:
+            parts.append("<p>No prototype is flagged for this pair.</p>")
+        rows = [[_link(p["prototype"]), _e(p["kind"]), "-" if p["score"] is None else f"{p['score']:.3g}",
+                 _e(p["reason"])] for p in flagged]
+        if rows:
+            parts.append(_table(["prototype", "kind", "score", "why"], rows, raw_columns=(0, 1, 3)))
+        d = a.tensors[f"uncertainty.a{pa}.b{pb}.d"].numpy()
+        highlight = {int(p["prototype"]): f"{p['prototype']} ({p['kind']})" for p in flagged}
+        parts.append(_img(figures.d_curves(a.data["transitions"], d, highlight, (classes[pa], classes[pb])),
+                          f"d_k^t for {classes[pa]} vs {classes[pb]}"))
+        ids = sorted(highlight)
+        if r.data is not None and r.final_saliency is not None and ids:
+            tiles = []
+            for row, share, target in cam_samples(r, (pa, pb), ids):
+                pred = int(r.probs[-1][row].argmax())
+                caption = (f"#{row}: {classes[int(r.labels[row])]} \u2192 {classes[pred]}, share {share:.2f}"
+                           + (", target" if target else ""))
+                tiles.append(_tile(_cam_tile(r, row, ids), caption))
+            parts.append('<div class="row">' + "".join(tiles) + "</div>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Curation
+
+
+def curation(r: LoadedRun) -> str:
+    if r.targets is None:
+        return r.note(r.targets_note)
+    t, classes = r.targets, r.store.classes
+    s = t.summary()
+    a, b = s["pair"]
+    parts = [f"<p>Pair {_e(classes[a])} vs {_e(classes[b])}: {s['targets']} of its {s['pair_samples']} training samples "
+             f"are targets ({_pct(s['share'])}), the samples whose CAM rests on the flagged prototypes.</p>"]
+    rows = [[v["name"], v["samples"], v["targets"], _pct(v["share"]), v["errors"], v["errors_targeted"],
+             "-" if v["mean_margin_targets"] is None else f"{v['mean_margin_targets']:+.2f}",
+             "-" if v["mean_margin_class"] is None else f"{v['mean_margin_class']:+.2f}"]
+            for v in s["per_class"].values()]
+    parts.append(_table(["class", "samples", "targets", "share", "training errors", "errors targeted",
+                         "mean margin (targets)", "mean margin (class)"], rows))
+    protos = [[_link(p["prototype"]) if p["prototype"] >= 0 else "-", _e(p["kind"]),
+               "yes" if p.get("used", True) else "no",
+               "-" if p.get("separability") is None else f"{p['separability']:.2f}", _e(p.get("reason") or "")]
+              for p in s["prototypes"]]
+    parts.append(_table(["prototype", "kind", "used", "separability", "why flagged"], protos, raw_columns=(0, 1, 4)))
+    if r.data is None:
+        parts.append(r.note(r.data_note))
+        return "\n".join(parts)
+    parts += _perturbed(r) + _transplanted(r)
+    return "\n".join(parts)
+
+
+def _perturbed(r: LoadedRun) -> list[str]:
+    t = r.targets
+    rows = t.selected.nonzero().flatten()
+    rows = rows[torch.argsort(-t.scores[rows], stable=True)][:_N_BEFORE_AFTER]
+    perturbed = t.perturbed(r.data, "fill")
+    masks = t.masks_for(rows)
+    tiles = []
+    for row, mask in zip(rows.tolist(), masks):
+        index = int(t.indices[row])
+        before = _pixels(r.data, r.data.images[index])
+        after = _pixels(r.data, perturbed[index][0])
+        up = figures.upscale(mask.numpy())
+        tiles.append(_group([_tile(figures.outline(figures.upscale(before), up, (255, 80, 0)),
+                                   f"target {index}: flagged region"),
+                             _tile(after, f"target {index}: perturbed (fill)")]))
+    return ["<h3>Perturbed: the flagged region hidden</h3>", '<div class="row">' + "".join(tiles) + "</div>"]
+
+
+def _transplanted(r: LoadedRun) -> list[str]:
+
+    try:
+        moved = r.targets.transplanted(r.data)
+    except NothingToCurate as e:
+        return ["<h3>Transplanted</h3>", r.note(f"no transplant: {e}")]
+    tiles = []
+    n = min(_N_BEFORE_AFTER, moved.donors.numel())
+    for donor, recipient, mask in zip(moved.donors[:n].tolist(), moved.recipients[:n].tolist(), moved.masks[:n]):
+        up = figures.upscale(mask.numpy())
+        donor_rgb = figures.outline(figures.upscale(_pixels(r.data, r.data.images[donor])), up, (255, 80, 0))
+        tiles.append(_group([_tile(donor_rgb, f"donor {donor} ({r.store.classes[int(r.data.labels[donor])]})"),
+                             _tile(_pixels(r.data, r.data.images[recipient]), f"recipient {recipient} before"),
+                             _tile(_pixels(r.data, moved[recipient][0]), f"recipient {recipient} after")]))
+    return ["<h3>Transplanted: the flagged region pasted into the other class</h3>",
+            '<div class="row">' + "".join(tiles) + "</div>"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Experiment
+
+
+def experiment_series(results: dict) -> list[dict]:
+    """Per arm with finished seeds, in the results' order: ``{"arm", "seeds", "pair_confusions",
+    "accuracy", "interval"}`` where ``interval`` is ``paired_interval`` of the pair confusions
+    (mean and 95% t-interval over the seeds)."""
+
+    out = []
+    for arm, entry in results["arms"].items():
+        cells = entry.get("seeds") or {}
+        if not cells:
+            continue
+        seeds = sorted(cells, key=int)
+        confusions = [cells[s]["pair_confusions"] for s in seeds]
+        out.append({"arm": arm, "seeds": [int(s) for s in seeds], "pair_confusions": confusions,
+                    "accuracy": [cells[s]["accuracy"] for s in seeds], "interval": paired_interval(confusions)})
+    return out
+
+
+def experiment(r: LoadedRun) -> str:
+
+    if r.results is None:
+        name = "" if r.experiment == "experiment" else f" --name {shlex.quote(r.experiment)}"
+        return r.note(r.command("not run yet: run `i2x experiment RUN --data DATA") + name + "`")
+    results = r.results
+    series = experiment_series(results)
+    parts = []
+    if series:
+        names = tuple(results.get("pair_names") or [str(v) for v in results["pair"]])
+        png = figures.experiment_chart([s["arm"] for s in series], [s["pair_confusions"] for s in series],
+                                       [(s["interval"]["mean"], s["interval"]["lo"], s["interval"]["hi"]) for s in series],
+                                       [s["accuracy"] for s in series], names)
+        parts += ["<p>Per arm: the pair's confusions on the test set for every seed (dots), their mean (tick) and "
+                  "95% t-interval over seeds (bar); right: test accuracy per seed.</p>", _img(png, "experiment arms")]
+    parts.append(markdown_html(results_markdown(results)))
+    return "\n".join(parts)
+
+
+#: section id -> the function that builds it from a :class:`LoadedRun`.
+BUILDERS = {"overview": overview, "prototypes": prototypes, "training": training, "uncertain": uncertain,
+            "curation": curation, "experiment": experiment}
