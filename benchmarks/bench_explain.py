@@ -28,7 +28,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians, machine_line, paired_overhead  # noqa: E402
 
-from i2x.cam import Explainer  # noqa: E402
+from i2x.explain.explainer import Explainer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Prototype discovery (I2X stage 2): i2x.prototypes.fit_prototypes against scikit-learn KMeans.
+"""Prototype discovery (I2X stage 2): i2x.track.prototypes.fit_prototypes against scikit-learn KMeans.
 
     python -P benchmarks/bench_prototypes.py [--repeats 3] [--skip-memory] [--samples 10000]
     pytest benchmarks/bench_prototypes.py --benchmark-only          (pytest-benchmark view)
@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians, machine_line  # noqa: E402
 
 from i2x import ops  # noqa: E402
-from i2x import prototypes as _prototypes  # noqa: E402
-from i2x.prototypes import fit_prototypes  # noqa: E402
+from i2x.track import prototypes as _prototypes  # noqa: E402
+from i2x.track.prototypes import fit_prototypes  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

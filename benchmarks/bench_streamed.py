@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import machine_line  # noqa: E402
 
 import i2x  # noqa: E402
-from i2x.bench import _cpu_peak_growth, cpu_memory_check  # noqa: E402
+from i2x.apps.bench import cpu_peak_growth, cpu_memory_check  # noqa: E402
 
 MEMORY_GOAL_MIB = 1024
 RECORD_GOAL = 1.15
@@ -67,14 +67,14 @@ def case(n: int, model_name: str, batch: int, workers: int) -> dict:
             plain_pass(model, probe.images, batch)
             timing["plain"] = time.perf_counter() - t
 
-        plain_growth = _cpu_peak_growth(plain)
+        plain_growth = cpu_peak_growth(plain)
 
         def record():
             t = time.perf_counter()
             tracker.step(1)
             timing["record"] = time.perf_counter() - t
 
-        growth = _cpu_peak_growth(record)
+        growth = cpu_peak_growth(record)
     return {"probe": n, "model": model_name, "batch": batch, "workers": workers, "labels_s": labels_s,
             "plain_s": timing["plain"], "record_s": timing["record"], "ratio": timing["record"] / timing["plain"],
             "growth_mib": growth / 2**20, "plain_growth_mib": plain_growth / 2**20}

@@ -17,7 +17,7 @@ recorded, plus the final record) is measured inside the same run as the training
 overhead is a ratio of two sums from one run: no second training run whose noise would swamp a few
 percent.
 
-prototypes: ``i2x.prototypes.fit_prototypes`` vs scikit-learn ``KMeans.fit`` + ``predict`` on the
+prototypes: ``i2x.track.prototypes.fit_prototypes`` vs scikit-learn ``KMeans.fit`` + ``predict`` on the
 same vectors (``bench_prototypes.py`` has the details).
 
 A probe streamed from a torch Dataset at ImageNet size (20,000 ``FakeData`` images at 224 px,
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians, machine_line  # noqa: E402
 
-from i2x.cam import Explainer  # noqa: E402
+from i2x.explain.explainer import Explainer  # noqa: E402
 from i2x.data import load_dataset, make_loader, stratified_subset  # noqa: E402
 from i2x.models import build_model  # noqa: E402
 from i2x.track import Probe, Tracker, record_checkpoint  # noqa: E402

@@ -1,4 +1,4 @@
-"""What a training epoch costs: i2x's loop (``i2x.finetune`` / ``i2x.train``) against the loop a
+"""What a training epoch costs: i2x's loop (``i2x.loop.training`` / ``i2x.train``) against the loop a
 user of the previous main wrote, on the small ResNet and Fashion-MNIST-sized batches.
 
     python -P benchmarks/bench_training.py [--batches 40] [--repeats 5] [--write benchmarks/RESULTS.md]
@@ -6,7 +6,7 @@ user of the previous main wrote, on the small ResNet and Fashion-MNIST-sized bat
 
 baseline ("main"): ``make_loader`` batches, float32, NCHW, SGD with momentum, batch 128: what the
 tracking benchmark and the end-to-end tests train with. i2x: the same model, data, optimiser and
-batch through ``i2x.finetune.fit`` (channels-last on the CPU, bfloat16 autocast where the CPU has
+batch through ``i2x.loop.training.fit`` (channels-last on the CPU, bfloat16 autocast where the CPU has
 native bf16). Each round trains ``--batches`` batches with each contender from the same weights,
 interleaved; the ratio of the medians is from this one run, and the epoch figure is the median
 per-batch time x the batches of a 60,000-image epoch. Precision ``fp32`` and channels-last alone
@@ -29,7 +29,7 @@ from _timing import interleaved_medians, machine_line  # noqa: E402
 
 import i2x  # noqa: E402
 from i2x.data import ImageDataset, make_loader  # noqa: E402
-from i2x.finetune import fit, resolve_precision  # noqa: E402
+from i2x.loop.training import fit, resolve_precision  # noqa: E402
 
 EPOCH = 60_000
 BATCH = 128

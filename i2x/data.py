@@ -220,9 +220,10 @@ class ImageDataset(Dataset):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""
-        return tuple(self.images.shape[1:])
+        _, c, h, w = self.images.shape
+        return c, h, w
 
-    def subset(self, indices) -> "ImageDataset":
+    def subset(self, indices) -> ImageDataset:
         """A new dataset holding the samples at ``indices`` (1-D integer tensor or sequence of ints),
         in that order; the tensors are copies, the names and statistics are the same."""
         idx = _as_index_tensor(indices, len(self), "indices")
@@ -357,7 +358,8 @@ def check_dataset_for_run(store, data, probe_split: bool = True) -> None:
                          "dataset the run was tracked on")
     spec = store.manifest["model"].get("build") or {}
     if "in_channels" in spec and int(spec["in_channels"]) != data.images.shape[1]:
-        raise ValueError(f"{what} has {data.images.shape[1]} channel(s) but the run's model takes {spec['in_channels']}")
+        raise ValueError(f"{what} has {data.images.shape[1]} channel(s) but the run's model takes "
+                         f"{spec['in_channels']}")
     if not probe_split:
         return
     idx, labels = store.probe()
@@ -373,7 +375,8 @@ def check_dataset_for_run(store, data, probe_split: bool = True) -> None:
 def _normalize_(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
     """In place (the train split is large): ``(x - mean) / std`` per channel of ``[N, C, H, W]``."""
     shape = (1, len(mean), 1, 1)
-    pixels.sub_(torch.tensor(mean, dtype=pixels.dtype).view(shape)).div_(torch.tensor(std, dtype=pixels.dtype).view(shape))
+    pixels.sub_(torch.tensor(mean, dtype=pixels.dtype).view(shape)).div_(
+        torch.tensor(std, dtype=pixels.dtype).view(shape))
 
 
 def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -385,7 +388,7 @@ def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---- IDX (MNIST, Fashion-MNIST)
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, tuple[np.dtype, type[np.generic]]] = {
     0x08: (np.dtype(">u1"), np.uint8),
     0x09: (np.dtype(">i1"), np.int8),
     0x0B: (np.dtype(">i2"), np.int16),
@@ -426,7 +429,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         )
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
-        raise ValueError(f"{path}: IDX header is truncated or has no dims: {ndim} dims need {header} bytes, file has {len(raw)}")
+        raise ValueError(f"{path}: IDX header is truncated or has no dims: {ndim} dims need {header} bytes, "
+                         f"file has {len(raw)}")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     big_endian, native = _IDX_DTYPES[type_code]
     count = math.prod(dims)
@@ -469,12 +473,13 @@ def _search_idx(name: str, root, split: str) -> tuple[tuple[Path, Path] | None, 
             looked.append(f"{how}: " + ("root not given" if how.startswith("root") else f"${ENV_VAR} is not set"))
             continue
         found = [_find_file(folder, base) for base in _IDX_FILES[split]]
-        if all(found):
-            return (found[0], found[1]), looked
+        images, labels = found
+        if images is not None and labels is not None:
+            return (images, labels), looked
         if not folder.is_dir():
             looked.append(f"{how}: {folder}: no such folder")
         else:
-            missing = [f"{base}[.gz]" for base, f in zip(_IDX_FILES[split], found) if f is None]
+            missing = [f"{base}[.gz]" for base, f in zip(_IDX_FILES[split], found, strict=True) if f is None]
             looked.append(f"{how}: {folder}: missing {', '.join(missing)}")
     return None, looked
 
@@ -567,7 +572,8 @@ def _search_cifar10(root) -> tuple[Path | None, list[str]]:
                    if not (folder / f).is_file()]
         if not missing:
             return folder, looked
-        looked.append(f"{how}: {folder}: " + ("no such folder" if not folder.is_dir() else f"missing {', '.join(missing)}"))
+        looked.append(f"{how}: {folder}: "
+                      + ("no such folder" if not folder.is_dir() else f"missing {', '.join(missing)}"))
     return None, looked
 
 
@@ -579,7 +585,8 @@ def _load_digits_pixels(split: str, test_fraction, split_seed) -> tuple[torch.Te
 
     test_fraction = DIGITS_TEST_FRACTION if test_fraction is None else test_fraction
     split_seed = DIGITS_SPLIT_SEED if split_seed is None else split_seed
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
+    if (isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real)
+            or not 0 < float(test_fraction) < 1):
         raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     digits = load_digits()
     pixels = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # [1797, 1, 8, 8]
@@ -635,7 +642,7 @@ def stratified_subset(labels, n: int, seed: int = 0) -> torch.Tensor:
     allocation = _largest_remainder(counts.tolist(), int(n))
     gen = torch.Generator().manual_seed(int(seed))
     chosen = []
-    for value, take in zip(classes.tolist(), allocation):
+    for value, take in zip(classes.tolist(), allocation, strict=True):
         members = (labels == value).nonzero().flatten()
         chosen.append(members[torch.randperm(members.numel(), generator=gen)[:take]])
     return torch.cat(chosen).sort().values

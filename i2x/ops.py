@@ -70,10 +70,10 @@ def cam(activations: torch.Tensor, gradients: torch.Tensor, method: str = "gradc
     return _call(torch.ops.i2x.cam.default, (activations, gradients), activations, gradients, method, bool(relu))
 
 
-def _check_size(size) -> tuple[int, int]:
+def _check_size(size) -> tuple[int | torch.SymInt, int | torch.SymInt]:
     if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2:
         raise ValueError(f"upsample_normalize: size must be two positive ints (H, W), got {size!r}")
-    out = []
+    out: list[int | torch.SymInt] = []
     for s in size:
         if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)) and not hasattr(s, "__index__"):
             raise TypeError(f"upsample_normalize: size must be two positive ints (H, W), got {size!r}")
@@ -181,10 +181,7 @@ def _upsample_normalize_fake(cam, size, normalize=True):
 @torch.library.register_fake("i2x::prototype_assign")
 def _prototype_assign_fake(features, centroids, mean=None, components=None):
     torch._check(features.dim() in (2, 4), lambda: "prototype_assign: features must be [B, C, h, w] or [N, C]")
-    if features.dim() == 4:
-        shape = (features.shape[0], features.shape[2], features.shape[3])
-    else:
-        shape = (features.shape[0],)
+    shape = (features.shape[0], features.shape[2], features.shape[3]) if features.dim() == 4 else (features.shape[0],)
     dtype = _promoted(*[t for t in (features, centroids, mean, components) if t is not None])
     return features.new_empty(shape, dtype=torch.int64), features.new_empty(shape, dtype=dtype)
 
@@ -365,8 +362,10 @@ def _saliency_pool_backward(ctx, grad_out):
     live = total != 0
     inv = torch.where(live, 1.0 / torch.where(live, total, torch.ones_like(total)), torch.zeros_like(total))
     grad_f = g[:, :, None, None] * (s * inv[:, None, None])[:, None]
-    grad_s = (torch.einsum("bc,bchw->bhw", g, f) - (g * output.to(compute)).sum(dim=1)[:, None, None]) * inv[:, None, None]
+    grad_s = ((torch.einsum("bc,bchw->bhw", g, f) - (g * output.to(compute)).sum(dim=1)[:, None, None])
+              * inv[:, None, None])
     return grad_f.to(features.dtype), grad_s.to(saliency.dtype)
 
 
-torch.library.register_autograd("i2x::saliency_pool", _saliency_pool_backward, setup_context=_saliency_pool_setup_context)
+torch.library.register_autograd("i2x::saliency_pool", _saliency_pool_backward,
+                                setup_context=_saliency_pool_setup_context)

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import i2x
-from i2x.curate import known_targets
-from i2x.experiment import ALL_ARMS
-from i2x.planted import plant_mark
+from i2x.loop.targets import known_targets
+from i2x.loop.experiments import ALL_ARMS
+from i2x.loop.planted import plant_mark
 
 PAIR = (0, 6)  # T-shirt/top, Shirt
 
@@ -200,7 +200,7 @@ def _mark_prototype(store, planted) -> int:
 
 def _ceiling(args, init, train, test) -> dict:
     """How reducible the pair's confusions are: the same model trained 4x longer, and a 2x wider one."""
-    from i2x.finetune import calibration_images
+    from i2x.loop.training import calibration_images
 
     calib = calibration_images(train)
     out = {}
@@ -219,7 +219,7 @@ def _ceiling(args, init, train, test) -> dict:
 
 
 def publish(prefix: Path, results: dict, extra: dict, args: dict) -> None:
-    from i2x.experiment import results_markdown
+    from i2x.loop.experiments import results_markdown
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     data = {"pair": results["pair"], "pair_names": results["pair_names"], "config": results["config"],

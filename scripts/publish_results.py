@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from i2x.experiment import _stages, load_results, paired_interval, summarize
+from i2x.loop.experiments import arm_stages, load_results, paired_interval, summarize
 
 EXPLANATION = {"curated", "perturbed", "transplanted", "reweighted", "penalized"}
 
@@ -67,7 +67,7 @@ def _goal(arm: str, s: dict) -> dict | None:
     """The real case's goal for one explanation arm: -15% pair confusions against its same-budget
     reference, accuracy >= -0.1 points, and beating random and the better baseline, every
     interval excluding zero."""
-    stages = _stages(arm)
+    stages = arm_stages(arm)
     if not set(stages) & EXPLANATION:
         return None
     two = len(stages) >= 2

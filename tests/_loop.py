@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from i2x.curate import Targets
+from i2x.loop import Targets
 from i2x.data import ImageDataset
 
 H = W = 8

@@ -18,8 +18,8 @@ import torch
 from sklearn.cluster import HDBSCAN
 from sklearn.linear_model import Ridge
 
-import i2x.readings
-import i2x.store
+import i2x.analysis.readings
+import i2x.store.atomic
 from i2x import analysis as an
 from i2x.store import RunStore, RunStoreError
 
@@ -448,7 +448,7 @@ def test_register_a_named_score():
         with pytest.raises(ValueError, match="already registered"):
             an.register_uncertainty_score("test_peak", abs, "x")
     finally:
-        i2x.readings._SCORES.pop("test_peak", None)
+        i2x.analysis.readings._SCORES.pop("test_peak", None)
 
 
 def test_swing_score_hand_computed():
@@ -595,7 +595,7 @@ def test_rerun_overwrites_atomically(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(i2x.store, "save_file", broken_save)
+    monkeypatch.setattr(i2x.store.atomic, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         an.analyze(path)
     monkeypatch.undo()
@@ -618,13 +618,13 @@ def test_analyze_errors(tmp_path):
     with pytest.raises(ValueError, match="at least 2 finished checkpoints"):
         an.analyze(one)
     bare = _make_store(tmp_path / "bare", a["probs"][:2], a["saliency"][:2], a["labels"])
-    with pytest.raises(FileNotFoundError, match="run i2x.prototypes first"):
+    with pytest.raises(FileNotFoundError, match="has no prototypes"):
         an.analyze(bare)
     with pytest.raises(FileNotFoundError, match="run i2x.analysis.analyze first"):
         an.load_analysis(bare)
     wrong = _make_store(tmp_path / "wrong", a["probs"][:2], a["saliency"][:2], a["labels"],
                         a["assignment"][:, :, :3])
-    with pytest.raises(ValueError, match=r"assignment: expected shape \[N, h, w\] = \[100, 4, 4\].*got \[100, 4, 3\]"):
+    with pytest.raises(ValueError, match=r"assignment has shape \[100, 4, 3\], but the run's probe and grid give \[100, 4, 4\]"):
         an.analyze(wrong)
     ok = _make_store(tmp_path / "ok", a["probs"][:2], a["saliency"][:2], a["labels"], a["assignment"])
     with pytest.raises(ValueError, match=r"shared_presence: expected a number in \[0, 1\], got 1.5"):
@@ -712,6 +712,6 @@ def test_explain_sample_errors(planted):
         an.explain_sample(path, -1)
     with pytest.raises(TypeError, match="index: expected an int"):
         an.explain_sample(path, 1.0)
-    with pytest.raises(ValueError, match="top: expected an int >= 1"):
+    with pytest.raises(ValueError, match="top: expected a positive int"):
         an.explain_sample(path, 0, top=0)
     assert len(an.explain_sample(path, 0, top=100).positions) == H * W  # at most the whole grid

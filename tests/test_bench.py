@@ -1,4 +1,4 @@
-"""``i2x.bench`` / ``i2x bench``: the table's arithmetic, its rows, its errors, and that the
+"""``i2x.apps.bench`` / ``i2x bench``: the table's arithmetic, its rows, its errors, and that the
 explain row computes what captum computes (parity on a tiny model; no timing is asserted).
 
 Truths: the ratios are recomputed here from the recorded times; captum's LayerGradCam is called
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from i2x import bench as B
+from i2x.apps import bench as B
 from i2x.cli import main
 
 HAS_CAPTUM = importlib.util.find_spec("captum") is not None

@@ -1,4 +1,4 @@
-"""i2x.cam.Explainer against a full-autograd pure-torch computation, and its contract with the
+"""i2x.explain.explainer.Explainer against a full-autograd pure-torch computation, and its contract with the
 user's model: no hooks, modes, flags or .grad left changed, clear errors, a training loop that
 gets exactly the gradients it would get without i2x.
 
@@ -28,7 +28,7 @@ from conftest import CAM_NORM_ATOL as NORM_ATOL, CAM_RAW_ATOL as RAW_ATOL, CAM_R
 
 from _models import NUM_CLASSES, FlatOnly, RaisesAfter, TwoHeads, tiny_cnn, tiny_input
 from i2x import reference
-from i2x.cam import Captured, Explainer, swin_reshape, vit_reshape
+from i2x.explain.explainer import Captured, Explainer, swin_reshape, vit_reshape
 
 METHODS = reference.CAM_METHODS
 assert METHODS == ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")

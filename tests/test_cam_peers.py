@@ -1,4 +1,4 @@
-"""i2x.cam.Explainer against the peers: captum's LayerGradCam (raw maps) and pytorch-grad-cam's
+"""i2x.explain.explainer.Explainer against the peers: captum's LayerGradCam (raw maps) and pytorch-grad-cam's
 GradCAM / GradCAMPlusPlus / XGradCAM / LayerCAM / HiResCAM (normalised maps), on torchvision
 resnet18, vgg11 and densenet121 with fixed random weights in eval mode.
 
@@ -30,7 +30,7 @@ import torchvision
 
 from conftest import CAM_NORM_ATOL as NORM_ATOL, CAM_RAW_ATOL as RAW_ATOL, CAM_RAW_RTOL as RAW_RTOL, assert_close
 
-from i2x.cam import Explainer
+from i2x.explain.explainer import Explainer
 
 captum_attr = pytest.importorskip("captum.attr")
 pgc = pytest.importorskip("pytorch_grad_cam")

@@ -101,7 +101,7 @@ def test_train_writes_a_complete_run_that_matches_its_weights(trained):
     model.load_state_dict(store.read_weights())
     train = i2x.data.load_recorded_dataset(store.manifest["dataset"], train=True)
     test = i2x.load_dataset("digits", train=False)
-    from i2x.finetune import calibration_images
+    from i2x.loop.training import calibration_images
 
     ev = i2x.evaluate(model, test, calibration_images(train))
     assert out["test_accuracy"] == pytest.approx(ev["accuracy"], abs=1e-9)
@@ -161,7 +161,7 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal_and_nothing_with_quiet(t
 
 def test_progress_bar_shows_on_a_terminal():
     """The same bar code on a terminal-like stream draws a bar (tqdm's own rule)."""
-    from i2x import _progress
+    from i2x._internal import progress as _progress
 
     class Terminal:
         text = ""

@@ -2,7 +2,7 @@
 
 Truths: on a run built through the Python API (digits, a small ResNet, a Tracker that keeps the
 final weights), the command's targets equal ``i2x.find_targets`` on the same model and data, its
-experiment cell equals ``i2x.experiment``'s, a second ``experiment`` recomputes no finished cell,
+experiment cell equals ``i2x.loop.experiments``'s, a second ``experiment`` recomputes no finished cell,
 a pair without flagged prototypes is "nothing to curate" (status 0), and every bad input is one
 line on stderr with status 2 (a failure during the work: status 1).
 """
@@ -188,7 +188,7 @@ def test_errors_are_one_line_with_status_2(loop, tmp_path, capsys, command):
     other, _ = i2x.build_model("small-resnet", num_classes=10, widths=(4, 8, 16))
     torch.save(other.state_dict(), tmp_path / "other.pt")
     assert call(run, "--weights", tmp_path / "other.pt") == 2
-    assert "does not fit the model" in _one_line_error(capsys, command)
+    assert "do not fit the run's" in _one_line_error(capsys, command)
 
     assert call(run, "--size", 16) == 2
     err = _one_line_error(capsys, command)

@@ -1,4 +1,4 @@
-"""Stage 9, first half (i2x.curate) against independent truths.
+"""Stage 9, first half (i2x.loop.targets) against independent truths.
 
 Truths: hand-computed thresholds and shares; a ``Targets`` built by hand on a tiny dataset, whose
 strategies are checked pixel by pixel against masks, rings and blurs computed here with plain
@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import i2x
-from i2x.curate import Targets, known_targets, load_targets, otsu_threshold
+from i2x.loop import Targets, known_targets, load_targets, otsu_threshold
 from i2x.data import batch_of
-from i2x.penalty import ExplanationPenalty
-from i2x.strategies import OversampleSampler, PerturbedDataset, epoch_permutation, mass_share, top_share
+from i2x.loop.penalty import ExplanationPenalty
+from i2x.loop.strategies import OversampleSampler, PerturbedDataset, epoch_permutation, mass_share, top_share
 from i2x.data import ImageDataset
 from i2x.store import RunStoreError
 
@@ -68,7 +68,7 @@ def test_otsu_constant_and_empty():
 
 
 def test_separability_by_hand():
-    from i2x.curate import separability
+    from i2x.loop import separability
 
     # Two tight groups: all of the variance is between them.
     assert separability(torch.tensor([0.0, 0.0, 1.0, 1.0]), 0.5) == pytest.approx(1.0)

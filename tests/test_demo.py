@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import i2x
+import i2x.apps.demo
 from i2x.store import RunStore
 
 MAX_REPORT_BYTES = 5 * 1024 * 1024
@@ -76,7 +77,7 @@ def test_the_summary_is_what_the_run_holds(demo):
     on_disk = store.read_json("demo")
     for key in ("run", "dataset", "train_samples", "test_samples", "evaluation", "pair", "targets", "best_arm"):
         assert s[key] == on_disk[key], key
-    plan = i2x.pipeline.DEMO_PLANS["quick"]
+    plan = i2x.apps.demo.DEMO_PLANS["quick"]
     results = i2x.load_results(folder)
     # Every arm x seed of the quick plan finished, and the start accuracy is the summary's.
     for arm in plan.arms:
@@ -93,7 +94,7 @@ def test_the_summary_is_what_the_run_holds(demo):
     assert s["best_arm"]["against"]["full->full"]["pair_confusions"] == \
         results["summary"][best]["comparisons"]["full->full"]["pair_confusions"]
     # The accuracy is the saved model's on the test images (recomputed here, not read back).
-    from i2x.finetune import calibration_images
+    from i2x.loop.training import calibration_images
 
     model, _ = i2x.models.rebuild_model(store.manifest["model"]["build"])
     model.load_state_dict(store.read_weights())
@@ -104,7 +105,7 @@ def test_the_summary_is_what_the_run_holds(demo):
 
 
 def test_the_text_summary_has_five_lines_and_says_where_things_are(demo):
-    lines = i2x.pipeline.summary_lines(demo["summary"])
+    lines = i2x.apps.demo.summary_lines(demo["summary"])
     assert len(lines) == 5
     assert [line.split()[0] for line in lines] == ["accuracy", "pair", "uncertain", "targets", "best"]
     report = Path(demo["summary"]["report"])
@@ -122,7 +123,7 @@ def test_a_second_demo_reuses_every_stage(demo):
     assert "reused the trained model" in again.stderr
     assert "checkpoint at step" not in again.stderr and "seed 0:" not in again.stderr  # nothing retrained
     assert {f: (folder / f).stat().st_mtime_ns for f in watched} == before
-    assert again.stdout.splitlines()[-5:] == i2x.pipeline.summary_lines(demo["summary"])
+    assert again.stdout.splitlines()[-5:] == i2x.apps.demo.summary_lines(demo["summary"])
     summary = RunStore.open(folder).read_json("demo")
     for key in ("evaluation", "pair", "targets", "best_arm"):
         assert summary[key] == demo["summary"][key], key
@@ -149,7 +150,7 @@ def test_the_demo_report_renders_in_chromium(demo, tmp_path):
 
 
 def test_without_fashion_mnist_the_demo_data_are_the_digits_and_it_says_so(monkeypatch):
-    from i2x import pipeline
+    from i2x.apps import demo as pipeline
 
     real = pipeline.load_dataset
 

@@ -1,4 +1,4 @@
-"""Stage 9, second half (i2x.experiment) against independent truths.
+"""Stage 9, second half (i2x.loop.experiments) against independent truths.
 
 Truths: scipy's t quantile for the paired intervals; every cell of a tiny experiment recomputed
 here with the public pieces (``finetune`` from a copy of the start weights, the strategies'
@@ -22,9 +22,10 @@ import torch
 from scipy import stats as sps
 
 import i2x
-from i2x.strategies import epoch_permutation
-from i2x.experiment import _fingerprint_state, load_results, paired_interval, results_markdown, summarize
-from i2x.finetune import calibration_images
+from i2x.loop.strategies import epoch_permutation
+from i2x._internal.hashing import state_digest
+from i2x.loop.experiments import load_results, paired_interval, results_markdown, summarize
+from i2x.loop.training import calibration_images
 from i2x.store import RunStore
 
 from _loop import hand_targets, image_dataset, snapshot, state_equal, tiny_net
@@ -174,7 +175,7 @@ def test_every_cell_recomputed_from_the_start_weights(setup, reference):
     arm of a seed started from the same weights and saw the orders the docs promise."""
     results = reference["results"]
     train, test, targets = setup["train"], setup["test"], setup["targets"]
-    assert results["config"]["start_weights"] == _fingerprint_state(setup["model"].state_dict())
+    assert results["config"]["start_weights"] == state_digest(setup["model"].state_dict())
     n = len(train)
     calibration = calibration_images(train)
     common = dict(epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], precision="fp32")

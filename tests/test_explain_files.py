@@ -1,6 +1,6 @@
 """``i2x explain --model WEIGHTS IMAGE|FOLDER``: image files explained with a run's model.
 
-Truths computed here, independently of ``i2x.explain_files``: the prediction of the run's model
+Truths computed here, independently of ``i2x.apps.explain_files``: the prediction of the run's model
 (rebuilt from the manifest, weights read with safetensors) on the PNG decoded by PIL and normalised
 with the digits statistics; the raw GradCAM grid from autograd on a hooked activation with
 ``i2x.reference.cam``; the prototype assignment with ``i2x.reference.prototype_assign`` on the
@@ -111,7 +111,7 @@ def cli(argv, capsys):
 @pytest.fixture(scope="module")
 def explained(run_dir, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    from i2x.explain_files import explain_files
+    from i2x.apps.explain_files import explain_files
 
     return explain_files(run_dir, [images, images / "rgb"], out=out, top=3), out
 
@@ -263,7 +263,7 @@ def test_errors_are_one_line_with_status_2(case, message, run_dir, images, tmp_p
 
 
 def test_mismatch_names_the_keys_briefly(run_dir):
-    from i2x.explain_files import load_state
+    from i2x._internal.weights import load_state_into as load_state
     from i2x.models import build_model
 
     model, _ = build_model("small-resnet", 10, widths=(8, 16, 64))

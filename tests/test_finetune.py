@@ -1,4 +1,4 @@
-"""The training loop (i2x.finetune) against independent truths.
+"""The training loop (i2x.loop.training) against independent truths.
 
 Truths: bit-identical weights from two runs of the same recipe; the positions a recording dataset
 was asked for, against ``epoch_permutation`` / the order / the sampler given; accuracy and
@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import i2x
-from i2x.penalty import ExplanationPenalty
-from i2x.strategies import OversampleSampler, epoch_permutation
+from i2x.loop.penalty import ExplanationPenalty
+from i2x.loop.strategies import OversampleSampler, epoch_permutation
 from i2x.data import ImageDataset
-from i2x.finetune import fit, resolve_precision
+from i2x.loop.training import fit, resolve_precision
 
 from _loop import hand_targets, image_dataset, snapshot, state_equal, tiny_net
 

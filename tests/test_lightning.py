@@ -24,7 +24,10 @@ from torch import nn
 L = pytest.importorskip("lightning")
 
 import i2x  # noqa: E402
-from i2x import Probe, RunStore, log_schedule, track_checkpoints  # noqa: E402
+from i2x import Probe
+from i2x import RunStore
+from i2x import log_schedule
+from i2x import track_checkpoints  # noqa: E402
 from i2x.integrations.lightning import TrackerCallback  # noqa: E402
 
 from _loop import TinyNet, image_dataset  # noqa: E402

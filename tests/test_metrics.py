@@ -1,4 +1,4 @@
-"""i2x.metrics against hand-computed curves and confidences.
+"""i2x.explain.metrics against hand-computed curves and confidences.
 
 Most cases use a planted "model" that is a fixed linear function of the pixels with two classes:
 logits = [w . x, 0], so p(class 0) = e^z / (e^z + 1) with z = w . x. With log-weights
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close
 
-from i2x import metrics
+from i2x.explain import metrics
 
 F64 = torch.float64
 LN2, LN3, LN5, LN7 = (math.log(v) for v in (2, 3, 5, 7))
@@ -492,10 +492,10 @@ BAD = {
     "targets-2d": (dict(targets=torch.tensor([[0, 1]])), ValueError, "targets", False),
     "targets-float": (dict(targets=torch.tensor([0.0, 1.0])), TypeError, "targets", False),
     "targets-junk": (dict(targets="ab"), TypeError, "targets", False),
-    "batch-size-0": (dict(batch_size=0), ValueError, "batch_size must be >= 1", False),
-    "steps-0": (dict(steps=0), ValueError, "steps must be >= 1", True),
-    "steps-float": (dict(steps=2.5), TypeError, "steps must be an int", True),
-    "steps-bool": (dict(steps=True), TypeError, "steps must be an int", True),
+    "batch-size-0": (dict(batch_size=0), ValueError, "batch_size: expected a positive int", False),
+    "steps-0": (dict(steps=0), ValueError, "steps: expected a positive int", True),
+    "steps-float": (dict(steps=2.5), TypeError, "steps: expected a positive int", True),
+    "steps-bool": (dict(steps=True), TypeError, "steps: expected a positive int", True),
     "baseline-name": (dict(baseline="noise"), ValueError, "baseline must be one of", True),
     "baseline-type": (dict(baseline=3), TypeError, "baseline", True),
     "baseline-shape": (dict(baseline=torch.ones(3, 3, dtype=F64)), ValueError, "baseline tensor of shape", True),

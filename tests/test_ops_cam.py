@@ -14,7 +14,8 @@ from conftest import (
     randn,
 )
 
-from i2x import ops, reference
+from i2x import ops
+from i2x import reference
 
 METHODS = reference.CAM_METHODS
 assert METHODS == ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")

@@ -14,7 +14,8 @@ import torch
 
 from conftest import FLOAT_DTYPES, assert_close, check_layout, dtype_id, make_layout, rand, randn
 
-from i2x import ops, reference
+from i2x import ops
+from i2x import reference
 
 # ============================================================================================
 # prototype_assign
@@ -305,7 +306,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, os, threading, time
     import torch
     import i2x
-    from i2x import ops, reference
+    from i2x import ops
+    from i2x import reference
 
     def rss_mib():
         with open("/proc/self/statm") as fh:

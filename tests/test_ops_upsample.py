@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import FLOAT_DTYPES, assert_close, check_layout, dtype_id, make_layout, randn
 
-from i2x import ops, reference
+from i2x import ops
+from i2x import reference
 
 
 def up_scale(cam: torch.Tensor, size, normalize: bool) -> torch.Tensor:

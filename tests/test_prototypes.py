@@ -1,4 +1,4 @@
-"""i2x.prototypes against independent truths.
+"""i2x.track.prototypes against independent truths.
 
 - PCA: ``numpy.linalg.eigh`` of the explicitly centred data's covariance (float64).
 - k-means: planted, well-separated Gaussian blobs (the partition is known), scikit-learn's
@@ -22,7 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 from _models import RaisesAfter, TwoHeads, tiny_cnn, tiny_input
-from i2x.prototypes import Prototypes, _update_centroids, discover_prototypes, fit_prototypes, layer_features
+from i2x.track.prototypes import Prototypes, _update_centroids, discover_prototypes, fit_prototypes, layer_features
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -163,7 +163,7 @@ def test_inertia_on_unstructured_data_is_no_worse_than_sklearn():
 
 
 def test_best_of_n_init_by_inertia(monkeypatch):
-    import i2x.prototypes as module
+    import i2x.track.prototypes as module
 
     runs = []
     lloyd = module._lloyd
@@ -387,7 +387,7 @@ def test_layer_features_errors_leave_no_hooks():
     assert no_hooks(two)
     with pytest.raises(ValueError, match="'feature.3' is not a submodule"):
         layer_features(model, "feature.3", tiny_input())
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         layer_features(model, "features", tiny_input(), batch_size=0)
     with pytest.raises(TypeError, match="images must be a"):
         layer_features(model, "features", 3)
@@ -447,16 +447,16 @@ def small_features():
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        (dict(n_prototypes=0), ValueError, r"n_prototypes must be a positive int \(>= 1\), got 0"),
-        (dict(n_prototypes=True), TypeError, "n_prototypes must be an int, got a bool"),
-        (dict(n_prototypes=2.5), TypeError, "n_prototypes must be an int, got float"),
-        (dict(pca_dim=0), ValueError, "pca_dim must be a positive int"),
-        (dict(max_fit_positions=0), ValueError, "max_fit_positions must be a positive int"),
-        (dict(n_init=0), ValueError, "n_init must be a positive int"),
-        (dict(max_iter=-1), ValueError, "max_iter must be a positive int"),
-        (dict(tol=-1e-3), ValueError, "tol must be a finite number >= 0"),
-        (dict(tol=float("nan")), ValueError, "tol must be a finite number >= 0"),
-        (dict(n_exemplars=-1), ValueError, "n_exemplars must be a non-negative int"),
+        (dict(n_prototypes=0), ValueError, r"n_prototypes: expected a positive int, got 0"),
+        (dict(n_prototypes=True), TypeError, "n_prototypes: expected a positive int, got bool"),
+        (dict(n_prototypes=2.5), TypeError, "n_prototypes: expected a positive int, got float"),
+        (dict(pca_dim=0), ValueError, "pca_dim: expected a positive int"),
+        (dict(max_fit_positions=0), ValueError, "max_fit_positions: expected a positive int"),
+        (dict(n_init=0), ValueError, "n_init: expected a positive int"),
+        (dict(max_iter=-1), ValueError, "max_iter: expected a positive int"),
+        (dict(tol=-1e-3), ValueError, "tol: expected a finite number >= 0"),
+        (dict(tol=float("nan")), ValueError, "tol: expected a finite number >= 0"),
+        (dict(n_exemplars=-1), ValueError, "n_exemplars: expected an int >= 0"),
         (dict(progress="yes"), TypeError, "progress must be a bool"),
         (dict(n_prototypes=25), ValueError, r"n_prototypes=25 is more than the 24 positions"),
         (dict(n_prototypes=6, max_fit_positions=5), ValueError, r"n_prototypes=6 is more than the 5 positions .*max_fit_positions=5"),

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import i2x
 from i2x.report import (SECTIONS, confusion_matrices, exemplar_patches, image_size, patch_box, probe_accuracy,
                         prototype_presence, render_report, write_report)
-from i2x.report_sections import experiment_series
+from i2x.report.sections import experiment_series
 from i2x.store import RunStore, RunStoreError
 
 import _browser

@@ -224,13 +224,14 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
 _WRITER = textwrap.dedent(
     """
     import os, signal, sys, torch
-    import i2x.store as store_mod
+    import i2x.store.atomic as atomic_mod
+    import i2x.store.runstore as runstore_mod
     from i2x.store import RunStore
 
     run, kill_at, where = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     N, M, H, W = 6, 3, 4, 5
     calls = {"n": 0}
-    real_save, real_json = store_mod.save_file, store_mod._atomic_write_json
+    real_save, real_json = atomic_mod.save_file, runstore_mod.atomic_write_json
 
     def dying_save(tensors, filename, metadata=None):
         # Die halfway through writing the temporary file of checkpoint number `kill_at`.
@@ -248,8 +249,8 @@ _WRITER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real_json(path, obj)
 
-    store_mod.save_file = dying_save
-    store_mod._atomic_write_json = dying_manifest
+    atomic_mod.save_file = dying_save
+    runstore_mod.atomic_write_json = dying_manifest
     store = RunStore.create(run, model={"name": "tiny", "layer": "l", "method": "gradcam"},
                             dataset={"name": "synthetic"}, classes=["a", "b", "c"],
                             probe_indices=torch.arange(N), probe_labels=torch.tensor([0, 1, 2, 0, 1, 2]))

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import i2x.store as store_module
+import i2x.store.atomic as store_module  # where the atomic writes (and their os calls) live
 from i2x.store import RunStore
 
 

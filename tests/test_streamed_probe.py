@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 import i2x
 from i2x.store import RunStore
-from i2x.streamed import StreamedImages
+from i2x.track.streamed import StreamedImages
 
 CLASSES = [str(c) for c in range(10)]
 
@@ -133,7 +133,7 @@ def test_items_that_are_not_tensors_or_differ_in_shape(model, tmp_path):
 @pytest.mark.parametrize("source", ["tensor", "streamed"])
 def test_the_heap_is_trimmed_after_each_large_batch_only(source, monkeypatch):
     """Large batches (224 px) hand the freed heap back after use; small ones (28 px) do not."""
-    import i2x.streamed as streamed
+    import i2x.track.streamed as streamed
 
     calls = []
     monkeypatch.setattr(streamed, "release_freed_heap", lambda: calls.append(1))
@@ -152,9 +152,9 @@ def test_the_heap_is_trimmed_after_each_large_batch_only(source, monkeypatch):
 
 
 def test_release_freed_heap_runs_here():
-    from i2x._util import _malloc_trim, release_freed_heap
+    from i2x._internal.heap import glibc_malloc_trim, release_freed_heap
 
     release_freed_heap()  # glibc: malloc_trim(0); elsewhere a no-op
     import platform
     if platform.libc_ver()[0] == "glibc":
-        assert _malloc_trim() is not None
+        assert glibc_malloc_trim() is not None

@@ -306,7 +306,7 @@ def test_checkpoint_file_errors(tmp_path):
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong / "step-1.pt")
-    with pytest.raises(ValueError, match="step-1.pt does not fit the model"):
+    with pytest.raises(ValueError, match="step-1.pt do not fit the model"):
         track_checkpoints(tiny_cnn(), LAYER, _probe(), wrong, tmp_path / "r", prototypes=False)
 
 
@@ -391,7 +391,7 @@ _TRACK_CHILD = textwrap.dedent(
     """
     import os, signal, sys, torch
     sys.path.insert(0, sys.argv[4])
-    import i2x.store as store_mod
+    import i2x.store.atomic as store_mod
     from _models import tiny_cnn, tiny_input
     from i2x.track import Probe, track_checkpoints
 

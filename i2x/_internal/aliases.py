@@ -10,8 +10,7 @@ not aliased (``i2x.loop.training``, ``i2x.loop.experiments``).
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
+import importlib.machinery
 import sys
 
 __all__ = ["MOVED", "install"]
@@ -33,7 +32,8 @@ MOVED = {
 }
 
 
-class _AliasLoader(importlib.abc.Loader):
+class _AliasLoader:
+    # importlib's loader protocol (duck-typed: importing importlib.abc would cost ~15 ms at `import i2x`)
     def __init__(self, target: str):
         self.target = target
         self._spec = None
@@ -48,7 +48,8 @@ class _AliasLoader(importlib.abc.Loader):
         module.__spec__ = self._spec
 
 
-class _AliasFinder(importlib.abc.MetaPathFinder):
+class _AliasFinder:
+    # importlib's meta path finder protocol
     def __init__(self, package: str):
         self.package = package
 
@@ -56,7 +57,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
         head, _, old = fullname.rpartition(".")
         if head != self.package or old not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, _AliasLoader(f"{self.package}.{MOVED[old]}"))
+        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(f"{self.package}.{MOVED[old]}"))
 
 
 def install(package: str) -> None:

@@ -56,10 +56,11 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
         wanted = "a finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected {wanted}, got {describe(value)}")
-    ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
-    if not ok or (high is not None and value > high):
+    number = float(value)
+    ok = math.isfinite(number) and (low is None or (number > low if low_open else number >= low))
+    if not ok or (high is not None and number > high):
         raise ValueError(f"{name}: expected {wanted}, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_fraction(value, name: str) -> float:

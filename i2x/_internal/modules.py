@@ -93,10 +93,10 @@ def find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
 
 def model_device(model: nn.Module) -> torch.device:
     """Where a model lives: its first parameter's (or buffer's) device, else the CPU."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -116,7 +116,8 @@ def run_device(model: nn.Module, device=None) -> torch.device:
     several devices, a model on ``meta`` (shapes, no values), a ``device`` the model is not on."""
     found = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     if len({(d.type, d.index) for d in found}) > 1:
-        raise ValueError(f"model: its parameters and buffers are on several devices ({', '.join(sorted(map(str, found)))}); "
+        raise ValueError("model: its parameters and buffers are on several devices "
+                         f"({', '.join(sorted(map(str, found)))}); "
                          "i2x runs a model on one device: move it there with model.to(...)")
     own = model_device(model)
     if own.type == "meta":
@@ -129,8 +130,8 @@ def run_device(model: nn.Module, device=None) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
     if not _same_device(wanted, own):
-        raise ValueError(f"device={str(wanted)!r} but the model is on {own}: move the model (model.to({str(wanted)!r})) "
-                         "or leave device= out to run where it is")
+        raise ValueError(f"device={str(wanted)!r} but the model is on {own}: move the model "
+                         f"(model.to({str(wanted)!r})) or leave device= out to run where it is")
     return wanted
 
 

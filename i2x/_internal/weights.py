@@ -24,6 +24,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state: object
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -59,8 +60,8 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source,
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [f"{len(keys)} {label} ({_few(keys)})" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("of another shape (file vs model)", shapes)) if keys]
+    kinds = (("missing", missing), ("unexpected", unexpected), ("of another shape (file vs model)", shapes))
+    problems = [f"{len(keys)} {label} ({_few(keys)})" for label, keys in kinds if keys]
     if problems:
         raise ValueError(f"weights {source} do not fit {what}: keys " + "; ".join(problems))
     model.load_state_dict(state, strict=True)

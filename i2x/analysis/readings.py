@@ -300,7 +300,9 @@ def cluster_trajectories(trajectories: torch.Tensor, min_cluster_size: int) -> t
     return torch.as_tensor(labels, dtype=torch.int64)
 
 
-def find_groups(dY: torch.Tensor, labels: torch.Tensor, num_classes: int, group_min_fraction: float = 0.05) -> torch.Tensor:
+def find_groups(
+    dY: torch.Tensor, labels: torch.Tensor, num_classes: int, group_min_fraction: float = 0.05
+) -> torch.Tensor:
     """Per-class groups (the class's variants) from the true-class confidence-change trajectories.
 
     Sample i's trajectory is ``dY[:, i, y_i]`` (T-1 dims). Within each class c of n_c samples,
@@ -367,8 +369,9 @@ def assignment_counts(assignment: torch.Tensor, num_prototypes: int) -> torch.Te
     return torch.zeros(n, k, dtype=torch.int64, device=assignment.device).scatter_add_(1, flat, torch.ones_like(flat))
 
 
-def _group_stat(group: int, presence_g: float, mean_beta_g: float | None) -> dict:
-    return {"group": int(group), "presence": float(presence_g), "mean_beta": None if mean_beta_g is None else float(mean_beta_g)}
+def _group_stat(group: int, presence_g: float | torch.Tensor, mean_beta_g: float | torch.Tensor | None) -> dict:
+    return {"group": int(group), "presence": float(presence_g),
+            "mean_beta": None if mean_beta_g is None else float(mean_beta_g)}
 
 
 def shared_and_specialised(
@@ -401,34 +404,36 @@ def shared_and_specialised(
     p = _tensor(class_presence_c, "class_presence_c", 1, floating=True).double().cpu()
     b = _finite(_tensor(class_mean_beta, "class_mean_beta", 1, floating=True), "class_mean_beta").double().cpu()
     if p.shape != b.shape:
-        raise ValueError(f"class_presence_c and class_mean_beta must both be [K], got {list(p.shape)} and {list(b.shape)}")
+        raise ValueError(f"class_presence_c and class_mean_beta must both be [K], got {list(p.shape)} "
+                         f"and {list(b.shape)}")
     k = p.numel()
-    gp = {}
+    gp: dict[int, torch.Tensor] = {}
     for g, t in group_presence.items():
         t = _tensor(t, f"group_presence[{g}]", 1, floating=True).double().cpu()
         if t.numel() != k:
             raise ValueError(f"group_presence[{g}]: expected [{k}], got {list(t.shape)}")
         gp[int(g)] = t
-    gb = {}
+    gb: dict[int, torch.Tensor] = {}  # the groups with a mean beta (not too small to regress)
     for g in gp:
-        t = group_mean_beta.get(g)
-        if t is not None:
-            t = _tensor(t, f"group_mean_beta[{g}]", 1, floating=True).double().cpu()
-            if t.numel() != k:
-                raise ValueError(f"group_mean_beta[{g}]: expected [{k}], got {list(t.shape)}")
-        gb[g] = t
+        beta = group_mean_beta.get(g)
+        if beta is not None:
+            beta = _tensor(beta, f"group_mean_beta[{g}]", 1, floating=True).double().cpu()
+            if beta.numel() != k:
+                raise ValueError(f"group_mean_beta[{g}]: expected [{k}], got {list(beta.shape)}")
+            gb[g] = beta
     order = sorted(gp)
-    shared, specialised = [], []
+    shared: list[dict] = []
+    specialised: list[dict] = []
     for proto in range(k):
         present_in = [g for g in order if gp[g][proto] >= thr]
         absent_in = [g for g in order if g != -1 and gp[g][proto] < thr]
-        groups = [_group_stat(g, gp[g][proto], None if gb[g] is None else gb[g][proto]) for g in present_in]
+        groups = [_group_stat(g, gp[g][proto], gb[g][proto] if g in gb else None) for g in present_in]
         entry = {"prototype": proto, "presence": float(p[proto]), "mean_beta": float(b[proto]), "groups": groups,
                  "absent_in": absent_in}
         if p[proto] >= thr and b[proto] > 0:
             shared.append(entry)
             continue
-        variants = [g for g in present_in if g != -1 and gb[g] is not None and gb[g][proto] > 0]
+        variants = [g for g in present_in if g != -1 and g in gb and gb[g][proto] > 0]
         # A variant needs a counterpart: another non-noise group of the class lacking the prototype
         # (absent_in and variants never overlap: one is below the threshold, the other at or above).
         if variants and absent_in:
@@ -559,7 +564,8 @@ def separation_timeline(
     soft = _tensor(soft, "soft", 3)
     t, m, _ = hard.shape
     if tuple(soft.shape) != (t, m, m) or hard.shape[2] != m:
-        raise ValueError(f"hard and soft: expected two [T, M, M] tensors, got {list(hard.shape)} and {list(soft.shape)}")
+        raise ValueError(f"hard and soft: expected two [T, M, M] tensors, got {list(hard.shape)} "
+                         f"and {list(soft.shape)}")
     beta_pooled = _tensor(beta_pooled, "beta_pooled", 3, floating=True)
     if beta_pooled.shape[0] != t - 1 or beta_pooled.shape[2] != m:
         raise ValueError(f"beta_pooled: expected [{t - 1}, K, {m}], got {list(beta_pooled.shape)}")
@@ -602,7 +608,9 @@ def separation_timeline(
     return entries, skipped
 
 
-def most_confused_pairs(hard_final: torch.Tensor, soft_final: torch.Tensor, class_sizes: torch.Tensor, n: int) -> list[tuple[int, int]]:
+def most_confused_pairs(
+    hard_final: torch.Tensor, soft_final: torch.Tensor, class_sizes: torch.Tensor, n: int
+) -> list[tuple[int, int]]:
     """The ``n`` pairs a < b with the most final hard confusions ``C[a, b] + C[b, a]``; ties broken by
     the soft confusions, then by the pair. Pairs without probe samples are left out."""
     hard_final = _tensor(hard_final, "hard_final", 2)
@@ -666,8 +674,10 @@ def score_swing(d) -> float:
 _SCORES: dict[str, tuple[Callable, str]] = {
     "swing": (score_swing, "U_k = min(sum_t max(d_k^t, 0), sum_t max(-d_k^t, 0))  (the smaller of the total pushes "
                            "towards a and towards b)"),
-    "sign_changes": (score_sign_changes, "U_k = sign_changes(d_k) * mean_t |d_k^t|  (sign changes over the nonzero d_k^t)"),
-    "cancellation": (score_cancellation, "U_k = (1 - |sum_t d_k^t| / sum_t |d_k^t|) * mean_t |d_k^t|  (0 when d_k = 0)"),
+    "sign_changes": (score_sign_changes, "U_k = sign_changes(d_k) * mean_t |d_k^t|  (sign changes over the "
+                                         "nonzero d_k^t)"),
+    "cancellation": (score_cancellation, "U_k = (1 - |sum_t d_k^t| / sum_t |d_k^t|) * mean_t |d_k^t|  "
+                                         "(0 when d_k = 0)"),
 }
 
 
@@ -704,7 +714,8 @@ def resolve_uncertainty_score(score) -> tuple[str, Callable, str]:
         doc = (getattr(score, "__doc__", None) or "").strip()
         formula = getattr(score, "formula", None) or (doc.splitlines()[0] if doc else f"custom score {qual}")
         return name, score, str(formula)
-    raise TypeError(f"uncertainty_score: expected a registered name {sorted(_SCORES)} or a callable, got {describe(score)}")
+    raise TypeError(f"uncertainty_score: expected a registered name {sorted(_SCORES)} or a callable, "
+                    f"got {describe(score)}")
 
 
 def prototype_scores(d: torch.Tensor, score="sign_changes") -> torch.Tensor:

@@ -44,7 +44,7 @@ from i2x.analysis.readings import (
     shared_and_specialised,
     uses_hdbscan,
 )
-from i2x.store import RunStoreError, open_run
+from i2x.store import RunStoreError, open_run, read_record
 from i2x.track.prototypes import read_assignment
 
 __all__ = [
@@ -398,14 +398,7 @@ def load_analysis(run) -> Analysis:
     for name in ("analysis.json", "analysis.safetensors"):
         if not (store.path / name).exists():
             raise FileNotFoundError(f"run {store.path} has no {name}: run i2x.analysis.analyze first")
-    data = store.read_json("analysis")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise RunStoreError(f"{store.path / 'analysis.json'} is not an i2x analysis (schema is not {SCHEMA!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise RunStoreError(
-            f"{store.path / 'analysis.json'} has schema version {data.get('schema_version')!r}; this i2x reads "
-            f"{SCHEMA_VERSION}. Re-run analyze."
-        )
+    data = read_record(store.path / "analysis.json", SCHEMA, "an i2x analysis", SCHEMA_VERSION, "re-run analyze")
     actual = file_digest(store.path / "analysis.safetensors")
     if data.get("fingerprints", {}).get("tensors") != actual:
         raise RunStoreError(

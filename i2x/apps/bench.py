@@ -50,7 +50,7 @@ from i2x.explain import Explainer
 from i2x.models import input_channels, load_model
 from i2x.reference import CAM_METHODS
 
-__all__ = ["bench", "format_table", "explain_contenders", "cpu_memory_check", "DTYPES"]
+__all__ = ["bench", "format_table", "explain_contenders", "cpu_memory_check", "cpu_peak_growth", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -288,7 +288,7 @@ def _release_freed_memory() -> None:
     release_freed_heap()
 
 
-def _cpu_peak_growth(fn: Callable[[], object]) -> int:
+def cpu_peak_growth(fn: Callable[[], object]) -> int:
     """Bytes the resident high-water mark rises over the resident size during ``fn()``."""
     _release_freed_memory()
     with open("/proc/self/clear_refs", "w") as fh:
@@ -302,8 +302,8 @@ def cpu_memory_check() -> tuple[bool, str]:
     """Whether the CPU peak measurement works here: after raising the high-water mark once, a
     64 MiB allocation must read back as 64 MiB (a reset that fails would read the earlier peak)."""
     try:
-        _cpu_peak_growth(lambda: torch.ones(2 * _PROBE_BYTES // 4))
-        growth = _cpu_peak_growth(lambda: torch.ones(_PROBE_BYTES // 4))
+        cpu_peak_growth(lambda: torch.ones(2 * _PROBE_BYTES // 4))
+        growth = cpu_peak_growth(lambda: torch.ones(_PROBE_BYTES // 4))
     except OSError as e:
         return False, f"n/a: the resident high-water mark cannot be reset or read here ({e})"
     if abs(growth - _PROBE_BYTES) > _PROBE_TOLERANCE:
@@ -329,8 +329,8 @@ def _peak_memory(fns: dict[str, Callable[[], object]], device: torch.device) -> 
         return {n: _cuda_peak_growth(fn, device) / _MIB for n, fn in fns.items()}, how
     works, how = cpu_memory_check()
     if not works:
-        return {n: None for n in fns}, how
-    return {n: _cpu_peak_growth(fn) / _MIB for n, fn in fns.items()}, how
+        return dict.fromkeys(fns), how
+    return {n: cpu_peak_growth(fn) / _MIB for n, fn in fns.items()}, how
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,12 +77,10 @@ def open_run(path: Path):
 
 def run_model(store, weights: Path | None, device):
     """The run's final model (:func:`i2x.track.final_model`) on ``device``."""
-    import torch
-
     from i2x.track import final_model
 
     model = final_model(store, weights)
-    return model if device is None else model.to(torch.device(device))
+    return model if device is None else model.to(device)
 
 
 def run_data(store, args, train: bool = True):

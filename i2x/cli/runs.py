@@ -52,8 +52,6 @@ def register(sub) -> None:
 
 
 def _track(args) -> int:
-    import torch
-
     from i2x.data import load_dataset
     from i2x.models import build_model
     from i2x.track import Probe, track_checkpoints
@@ -62,7 +60,7 @@ def _track(args) -> int:
     options = {"widths": args.widths} if args.widths else {}
     model, default_layer = build_model(args.model, len(dataset.classes), in_channels=dataset.images.shape[1], **options)
     if args.device:
-        model = model.to(torch.device(args.device))
+        model = model.to(args.device)
     probe = Probe.from_dataset(dataset, size=min(args.probe_size, len(dataset.labels)), seed=args.probe_seed)
     prototypes = False if args.no_prototypes else {
         "n_prototypes": args.n_prototypes, "pca_dim": args.pca_dim, "seed": args.prototype_seed}
@@ -71,6 +69,7 @@ def _track(args) -> int:
         batch_size=args.batch_size, method=args.method, device=args.device, model_name=args.model,
         recalibrate_bn=args.recalibrate_bn, progress=True,
     )
+    assert store is not None  # one process: it is rank 0, which holds the run
     data = {"run": str(store.path), "checkpoints": store.finished_steps(), "prototypes": store.has("prototypes")}
     emit(args, data, f"i2x: run {store.path}: checkpoints {store.finished_steps()}, prototypes "
                      f"{'yes' if store.has('prototypes') else 'no'}")

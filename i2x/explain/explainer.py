@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from i2x import ops
 from i2x._internal.modules import (
@@ -105,7 +106,7 @@ class _Hooks:
         self.mode = mode
         self.records: dict[int, list[tuple[int, torch.Tensor]]] = {i: [] for i in range(len(layers))}
         self.grad_started: set[int] = set()  # devices whose replica already made its leaf
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
         self._grad_mode_before = torch.is_grad_enabled()
 
     def __enter__(self):
@@ -126,7 +127,8 @@ class _Hooks:
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
                 raise ValueError(
-                    f"layer {name!r} returns {type(output).__name__}, not a tensor; pick a layer whose output is a tensor"
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; "
+                    "pick a layer whose output is a tensor"
                 )
             if not output.is_floating_point():
                 raise ValueError(f"layer {name!r} returns a {output.dtype} tensor; a floating-point output is needed")
@@ -312,7 +314,7 @@ class Explainer:
             raise ValueError("explain_from: size='input' needs image_size=(H, W)")
         image_hw = _check_size(image_size) if image_size is not None else None
         if acts[0].shape[0] == 0:
-            grid = self._to_grid(acts[0].detach(), self.layer_names[0])
+            grid = self._to_grid(acts[0].detach(), self._layers[0][0])
             out_size = _output_size(size, image_hw, grid)
             return torch.zeros(0, *out_size, device=grid.device, dtype=at_least_float32(grid).dtype)
         return self._maps(acts, logits, targets, image_hw, size, normalize, retain_graph=True)
@@ -336,7 +338,7 @@ class Explainer:
             )
         grads = torch.autograd.grad(total, activations, retain_graph=retain_graph, allow_unused=True)
         cams = []
-        for (name, _), act, grad in zip(self._layers, activations, grads):
+        for (name, _), act, grad in zip(self._layers, activations, grads, strict=True):
             if grad is None:
                 if self._compiled:
                     raise RuntimeError(

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,8 @@ DEFAULT_BLUR_SIGMA = 5.0
 DEFAULT_STEPS = 50
 DEFAULT_BATCH_SIZE = 64
 
-Targets = Union[torch.Tensor, Sequence[int], None]
-Baseline = Union[str, torch.Tensor]
+Targets = torch.Tensor | Sequence[int] | None
+Baseline = str | torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,9 +209,14 @@ def faithfulness_report(
     if targets is None:
         with torch.no_grad():
             targets = _predict(model, images, batch_size, fname)
-    common = dict(steps=steps, blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma, batch_size=batch_size)
-    deletion = deletion_curve(model, images, saliency, targets, baseline=deletion_baseline, **common)
-    insertion = insertion_curve(model, images, saliency, targets, baseline=insertion_baseline, **common)
+    deletion = deletion_curve(
+        model, images, saliency, targets, steps=steps, baseline=deletion_baseline,
+        blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma, batch_size=batch_size,
+    )
+    insertion = insertion_curve(
+        model, images, saliency, targets, steps=steps, baseline=insertion_baseline,
+        blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma, batch_size=batch_size,
+    )
     y, o = _confidence(fname, model, images, saliency, targets, batch_size)
     drop = _drop(y, o)
     return {
@@ -373,7 +378,8 @@ def _gaussian_blur(images, kernel_size, sigma, fname) -> torch.Tensor:
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 \
             or kernel_size % 2 == 0:
         raise ValueError(f"{fname}: blur_kernel_size must be a positive odd int, got {kernel_size!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (math.isfinite(sigma) and sigma > 0):
+    if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+            or not (math.isfinite(sigma) and float(sigma) > 0)):
         raise ValueError(f"{fname}: blur_sigma must be a finite number > 0, got {sigma!r}")
     kernel_size = int(kernel_size)
     C = images.shape[1]

@@ -81,7 +81,7 @@ class TrackerCallback(pl.Callback):
     # -- Lightning hooks (every rank runs them, in the same order: the Tracker's collectives
     #    need all ranks) --------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Built here, not in __init__: the module is on its device and the process group exists.
         _check_forward(pl_module)
         if self.schedule is not None:
@@ -92,7 +92,7 @@ class TrackerCallback(pl.Callback):
         self.tracker = Tracker(pl_module, self.layer, self.probe, self.run_dir, **steps, **self.tracker_options)
         self.store = None
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # global_step is restored from a checkpoint only after on_fit_start. Recording here covers
         # step 0 (an explicit schedule with 0: the untrained model); a resumed run has its step already.
         self._last_step = trainer.global_step
@@ -105,7 +105,7 @@ class TrackerCallback(pl.Callback):
         self._last_step = step
         self._step(pl_module, step)
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with _training_rng_kept(pl_module):
             self.store = self.tracker.finish(trainer.global_step, prototypes=self.prototypes,
                                              save_weights=self.save_weights)

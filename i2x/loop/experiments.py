@@ -48,16 +48,10 @@ from i2x.loop.training import (
     evaluate,
     finetune,
 )
-from i2x.store import (
-    RunStore,
-    RunStoreError,
-    atomic_write_bytes,
-    atomic_write_json,
-    open_run,
-)
+from i2x.store import RunStore, atomic_write_bytes, atomic_write_json, open_run, read_record
 
 __all__ = [
-    "arm_stages","STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS", "QUICK_ARMS", "experiment", "paired_interval", "summarize",
+    "arm_stages", "STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS", "QUICK_ARMS", "experiment", "paired_interval", "summarize",
            "load_results"]
 
 STRATEGIES = ("full", "curated", "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
@@ -248,13 +242,7 @@ def load_results(run, name: str = "experiment") -> dict:
     path = store.path / name / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"run {store.path} has no {name}/results.json: run i2x.experiment first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunStoreError(f"{path} is not valid JSON ({e}); remove it to start the experiment again") from None
-    if not isinstance(data, dict) or data.get("schema") != RESULTS_SCHEMA:
-        raise RunStoreError(f"{path} is not an i2x experiment (schema is not {RESULTS_SCHEMA!r})")
-    return data
+    return read_record(path, RESULTS_SCHEMA, "an i2x experiment")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,8 +58,11 @@ class ExplanationPenalty(nn.Module):
         hit_d = hit.to(device)
         scores = logits.gather(1, labels.to(device)[:, None])[:, 0][hit_d].sum()
         grad = torch.autograd.grad(scores, act, create_graph=True)[0]
-        a = as_grid(act, self.explainer.layer_names[0], self.explainer.reshape)[hit_d]
-        g = as_grid(grad, self.explainer.layer_names[0], self.explainer.reshape)[hit_d]
+        layer_names = self.explainer.layer_names
+        if layer_names is None:  # as in Explainer.capture(), which the activations come from
+            raise ValueError("penalty needs the layer named: construct the Explainer with layer=...")
+        a = as_grid(act, layer_names[0], self.explainer.reshape)[hit_d]
+        g = as_grid(grad, layer_names[0], self.explainer.reshape)[hit_d]
         cam = ops.cam(at_least_float32(a), at_least_float32(g), self.explainer.method, relu=True)
         mask = self.masks[rows[hit]].to(device)
         if tuple(mask.shape[1:]) != tuple(cam.shape[1:]):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -188,12 +189,12 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     explainer = Explainer(module, layer, method=store.manifest["model"].get("method", "gradcam"))
     device = run_device(module, device)
     workers = check_int(num_workers, "num_workers", minimum=0)
-    reading = {"num_workers": workers, "pin_memory": bool(pin_memory)}
+    reading: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(pin_memory)}
     calibration = (_calibration_images(store, train_dataset, reading, labels) if probe_dataset is None
                    else _calibration_images(store, probe_dataset, reading))
     grid = tuple(store.grid) if store.grid else None
 
-    out = {k: [] for k in ("share", "margin", "pred", "assignment")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("share", "margin", "pred", "assignment")}
     bar = _progress(rows.numel(), progress, f"targets for {_pair_label(store, a, b)}")
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module):
         for start, x in batches_at(train_dataset, rows, o["batch_size"], **reading):
@@ -229,7 +230,7 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
             "fallback": bool(stats is not None and not any(v["separable"] for v in stats.values()))}
     masks = torch.isin(assignment, used)
     targets = Targets((a, b), flagged, rows, y, rivals, scores.float(), share.float(), margins, preds, masks, selected,
-                      rule, tuple(x.shape[-2:]), list(names))
+                      rule, (x.shape[-2], x.shape[-1]), list(names))
     if save:
         save_targets(store, targets)
     return targets
@@ -362,7 +363,8 @@ def _select_separable(shares: torch.Tensor, ids: torch.Tensor, o: dict):
     # the pair is left out (two prototypes that split the pair into complementary halves, e.g. a
     # mark and the plain corner where it is missing, would otherwise leave the choice to the cap).
     cap = int(math.floor(o["max_fraction"] * shares.shape[0]))
-    kept, selected = [], torch.zeros(shares.shape[0], dtype=torch.bool)
+    kept: list[int] = []
+    selected = torch.zeros(shares.shape[0], dtype=torch.bool)
     for j in order:
         union = selected | picks[j]
         if kept and int(union.sum()) > cap:

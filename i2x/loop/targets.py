@@ -35,7 +35,7 @@ from i2x.loop.strategies import (
     TransplantedDataset,
     pixel_masks,
 )
-from i2x.store import RunStore, RunStoreError, open_run
+from i2x.store import RunStore, RunStoreError, open_run, read_record
 
 __all__ = ["Targets", "NothingToCurate", "known_targets", "save_targets", "load_targets", "TARGETS_SCHEMA"]
 
@@ -176,7 +176,7 @@ class Targets:
             rows.append(in_c[torch.randperm(in_c.numel(), generator=g)[:k]])
         return torch.cat(rows).sort().values
 
-    def perturbed(self, dataset, mode: str = "fill", seed: int = 0, dilate: int | None = None) -> "PerturbedDataset":
+    def perturbed(self, dataset, mode: str = "fill", seed: int = 0, dilate: int | None = None) -> PerturbedDataset:
         """``perturb``: every sample kept; in the targets the pixels under the flagged cells are
         replaced (``fill``: the mean of the image's own pixels around the region, ``noise``: that
         plus noise of their spread, ``blur``: a strong Gaussian blur of the image)."""
@@ -184,7 +184,7 @@ class Targets:
         rows = self.selected.nonzero().flatten()
         return PerturbedDataset(dataset, self.indices[rows], self.masks_for(rows, dilate), mode, seed)
 
-    def transplanted(self, dataset, seed: int = 0, dilate: int | None = None) -> "TransplantedDataset":
+    def transplanted(self, dataset, seed: int = 0, dilate: int | None = None) -> TransplantedDataset:
         """``transplant``: the flagged region of every target is pasted, at the same place, into a
         random non-target sample of the pair's other class (each recipient gets one), so the cue
         appears in both classes as often and stops predicting either. The targets are kept as they are."""
@@ -207,20 +207,20 @@ class Targets:
         d_rows, r_rows = torch.cat(donors), torch.cat(recipients)
         return TransplantedDataset(dataset, self.indices[d_rows], self.indices[r_rows], self.masks_for(d_rows, dilate))
 
-    def sampler(self, dataset, extra: int | None = None, seed: int = 0) -> "OversampleSampler":
+    def sampler(self, dataset, extra: int | None = None, seed: int = 0) -> OversampleSampler:
         """``reweight``: every sample once per epoch, the targets ``extra`` more times in all
         (default: each target once more), inserted at random places."""
         self.check_dataset(dataset)
         pool = self.target_indices
         return OversampleSampler(len(dataset), pool, len(pool) if extra is None else extra, seed)
 
-    def pairup_sampler(self, dataset, extra: int | None = None, seed: int = 0) -> "OversampleSampler":
+    def pairup_sampler(self, dataset, extra: int | None = None, seed: int = 0) -> OversampleSampler:
         """Control: the same number of extra draws as :meth:`sampler`, from all the pair's samples."""
         self.check_dataset(dataset)
         return OversampleSampler(len(dataset), self.indices.sort().values, len(self) if extra is None else extra, seed,
                                  replacement=True)
 
-    def hard_sampler(self, dataset, extra: int | None = None, seed: int = 0) -> "OversampleSampler":
+    def hard_sampler(self, dataset, extra: int | None = None, seed: int = 0) -> OversampleSampler:
         """Control: the pair's ``extra`` samples with the smallest ``logit[true] - logit[rival]``
         (the model's errors first), each once more; ``extra`` defaults to the number of targets."""
         self.check_dataset(dataset)
@@ -280,7 +280,7 @@ def known_targets(train_dataset, pair: tuple[int, int], indices, pixel_masks_: t
     r = pos[indices]
     if bool((r < 0).any()):
         raise ValueError(f"indices: every known region must be in a sample of class {a} or {b}")
-    hw = tuple(pixel_masks_.shape[1:])
+    hw = (pixel_masks_.shape[1], pixel_masks_.shape[2])
     override = torch.zeros(rows.numel(), *hw, dtype=torch.bool)
     override[r] = pixel_masks_.bool()
     selected = torch.zeros(rows.numel(), dtype=torch.bool)
@@ -306,9 +306,7 @@ def load_targets(run) -> Targets:
     store = open_run(run)
     if not (store.path / "targets.json").exists():
         raise FileNotFoundError(f"run {store.path} has no targets.json: run i2x.find_targets (i2x curate) first")
-    data = store.read_json("targets")
-    if not isinstance(data, dict) or data.get("schema") != TARGETS_SCHEMA:
-        raise RunStoreError(f"{store.path / 'targets.json'} is not i2x targets (schema is not {TARGETS_SCHEMA!r})")
+    data = read_record(store.path / "targets.json", TARGETS_SCHEMA, "i2x targets")
     if data.get("status") == "nothing_to_curate":
         raise NothingToCurate(str(data.get("message", f"nothing to curate for {tuple(data.get('pair', ()))}")))
     if not (store.path / "targets.safetensors").exists():

@@ -90,7 +90,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def calibration_images(dataset, n: int = CALIBRATION_SIZE, seed: int = 0) -> torch.Tensor:
+def calibration_images(dataset, n: int = CALIBRATION_SIZE, seed: int = 0) -> torch.Tensor | None:
     """``n`` fixed training images (a stratified, seeded subset) for recomputing BatchNorm
     statistics before every evaluation."""
     rows = calibration_rows(labels_of(dataset), n, seed)

@@ -52,7 +52,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
@@ -97,7 +97,7 @@ class SmallResNet(nn.Module):
             nn.ReLU(),
         )
         previous = widths[0]
-        for i, (width, stride) in enumerate(zip(widths, _STAGE_STRIDES), start=1):
+        for i, (width, stride) in enumerate(zip(widths, _STAGE_STRIDES, strict=False), start=1):  # 3 or 4 stages
             blocks = [BasicBlock(previous, width, stride)]
             blocks += [BasicBlock(width, width, 1) for _ in range(int(blocks_per_stage) - 1)]
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
@@ -174,14 +174,17 @@ def build_model(name: str, num_classes: int, in_channels: int = 1, **options) ->
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"options: {name!r} takes {list(allowed)}, got unknown {unknown}")
+    model: nn.Module
     if name == "small-resnet":
-        model = SmallResNet(num_classes=num_classes, in_channels=in_channels, **options)
-        layer = model.last_layer
+        small = SmallResNet(num_classes=num_classes, in_channels=in_channels, **options)
+        model, layer = small, small.last_layer
     else:
         model, layer = _resnet50(num_classes, in_channels, **options), "layer4"
     # How to rebuild it (a run records this, so `i2x curate` / `i2x experiment` can load weights).
-    model.i2x_spec = {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
-                      "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    spec = {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    # nn.Module.__setattr__ stores any value; torch's stub types it as Tensor | Module only.
+    model.i2x_spec = spec  # type: ignore[assignment]
     return model, layer
 
 

@@ -25,7 +25,8 @@ def load_model(model, num_classes: int | None = None) -> tuple[nn.Module, str]:
             raise ValueError("num_classes: only for a torchvision model name; a module has its own head")
         return copy.deepcopy(model), "module"
     if not isinstance(model, str) or not model.strip():
-        raise TypeError(f"model: expected a torchvision model name, 'module:factory' or an nn.Module, got {describe(model)}")
+        raise TypeError("model: expected a torchvision model name, 'module:factory' or an nn.Module, "
+                        f"got {describe(model)}")
     if ":" in model:
         if num_classes is not None:
             raise ValueError("num_classes: only for a torchvision model name; 'module:factory' builds its own head")

@@ -288,7 +288,9 @@ def presence_heatmap(presence: np.ndarray, classes: Sequence[str]) -> bytes:
     return _figure_png(fig)
 
 
-def d_curves(transitions: Sequence[Sequence[int]], d: np.ndarray, highlight: dict[int, str], pair: tuple[str, str]) -> bytes:
+def d_curves(
+    transitions: Sequence[Sequence[int]], d: np.ndarray, highlight: dict[int, str], pair: tuple[str, str]
+) -> bytes:
     """``d [T-1, K]`` = beta[k, a] - beta[k, b] per transition: every prototype faint, the
     ``highlight`` ones (id -> legend text) in colour. Above 0 a rise pushed towards a."""
     fig = _figure(4.8, 2.3)

@@ -6,9 +6,10 @@ every stage stored, readable offline in any browser (``docs/report.md`` explains
 Everything is read through the run store and each stage's own loader (``RunStore``,
 ``load_analysis``, ``load_targets``, ``load_results``); nothing is recomputed that a stage stored.
 The numbers behind the figures come from small functions in :mod:`i2x.report.numbers`, so
-they can be checked on their own; the sections are :mod:`i2x.report.sections`. A stage that has not run gives its section a one-line note;
-pictures of the data need the dataset, loaded by the name the run recorded (or given), and when it
-cannot be loaded those panels say why in one line while the rest renders. A corrupt run raises
+they can be checked on their own; the sections are :mod:`i2x.report.sections`. A stage that has
+not run gives its section a one-line note; pictures of the data need the dataset, loaded by the
+name the run recorded (or given), and when it cannot be loaded those panels say why in one line
+while the rest renders. A corrupt run raises
 :class:`i2x.RunStoreError` naming the file.
 
 The HTML has inline CSS, every image is a PNG data URI, there is no JavaScript and nothing points
@@ -31,7 +32,7 @@ __all__ = ["Report", "write_report", "render_report"]
 
 
 def render_report(run, *, dataset=None, experiment: str = "experiment", progress: bool = False,
-                  data_root=None) -> "Report":
+                  data_root=None) -> Report:
     """Build the report of ``run`` (a folder or a ``RunStore``) in memory; see :func:`write_report`."""
     store = open_run(run)
     label = str(store.path if isinstance(run, RunStore) else run)

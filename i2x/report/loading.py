@@ -3,20 +3,26 @@ behind the pictures, and one-line notes for what is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
 import shlex
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from i2x._internal.hashing import tensor_digest
 from i2x.analysis import load_analysis
+from i2x.analysis.run_analysis import Analysis
 from i2x.loop.experiments import load_results
-from i2x.loop.targets import NothingToCurate, load_targets
+from i2x.loop.targets import NothingToCurate, Targets, load_targets
 from i2x.report.numbers import image_size, run_probs
 from i2x.store import RunStore, RunStoreError
-from i2x.track.prototypes import read_prototypes
+from i2x.track.prototypes import Prototypes, read_prototypes
+
+if TYPE_CHECKING:  # i2x.data loads torchvision: imported where a dataset is loaded
+    from i2x.data import ImageDataset
 
 __all__ = ["LoadedRun", "load_run", "one_line"]
 
@@ -29,20 +35,21 @@ def one_line(message, limit: int = _MAX_NOTE) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def load_run_dataset(store: RunStore, data_root) -> tuple[object | None, str | None]:
+def load_run_dataset(store: RunStore, data_root) -> tuple[ImageDataset | None, str | None]:
     """``(dataset, None)``, or ``(None, why)`` as the one line the image panels show instead."""
     from i2x.data import DATASET_INFO, dataset_for_run
 
     recorded = store.manifest["dataset"]
     name = recorded.get("name")
     if name not in DATASET_INFO:
-        return None, (f"images not shown: the run's dataset {name!r} is not one i2x loads by name; pass dataset= to "
-                      "write_report")
+        return None, (f"images not shown: the run's dataset {name!r} is not one i2x loads by name; "
+                      "pass dataset= to write_report")
     try:
         data = dataset_for_run(store, name, root=data_root, train=recorded.get("split", "train") != "test",
                                size=image_size(store))
     except FileNotFoundError as e:
-        return None, f"images not shown: dataset {name!r} not found ({one_line(str(e).splitlines()[0])}); pass --data-root"
+        return None, (f"images not shown: dataset {name!r} not found ({one_line(str(e).splitlines()[0])}); "
+                      "pass --data-root")
     except ValueError as e:
         return None, f"images not shown: dataset {name!r} does not match the run: {one_line(e)}"
     return data, None
@@ -53,14 +60,14 @@ class LoadedRun:
     store: RunStore
     label: str                      # the run as the user named it, for the commands in notes
     experiment: str
-    data: object | None = None
+    data: ImageDataset | None = None
     data_note: str | None = None
     steps: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None
-    protos: object | None = None
-    analysis: object | None = None
+    protos: Prototypes | None = None
+    analysis: Analysis | None = None
     analysis_note: str | None = None
-    targets: object | None = None
+    targets: Targets | None = None
     targets_note: str | None = None
     results: dict | None = None
     labels: torch.Tensor | None = None            # the probe's true classes
@@ -99,7 +106,8 @@ def load_run(store: RunStore, label: str, dataset, data_root, experiment: str) -
         except FileNotFoundError as e:  # the JSON without its tensors: a torn analysis
             raise RunStoreError(one_line(e, 600)) from None
         if r.protos is not None and tensor_digest(r.protos.assignment) != r.analysis.data["fingerprints"]["prototypes"]:
-            r.analysis, r.analysis_note = None, r.command("the prototypes changed after the analysis: re-run `i2x analyze RUN`")
+            r.analysis = None
+            r.analysis_note = r.command("the prototypes changed after the analysis: re-run `i2x analyze RUN`")
     else:
         r.analysis_note = r.command("not run yet: run `i2x analyze RUN`")
     try:
@@ -108,10 +116,8 @@ def load_run(store: RunStore, label: str, dataset, data_root, experiment: str) -
         r.targets_note = r.command("not run yet: run `i2x curate RUN --data DATA`")
     except NothingToCurate as e:
         r.targets_note = f"nothing to curate: {one_line(e)}"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         r.results = load_results(store, experiment)
-    except FileNotFoundError:
-        pass
     if dataset is not None:
         from i2x.data import check_dataset_for_run
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from i2x._internal.modules import layer_output_shape
+from i2x.models import rebuild_model
 from i2x.analysis import readings
 from i2x.analysis.readings import assignment_counts, class_presence
 from i2x.store import RunStore, RunStoreError, open_run
@@ -114,15 +116,6 @@ def image_size(run) -> int | None:
 
 
 def _grid_at(spec: dict, layer: str, size: int) -> tuple[int, int] | None:
-    from i2x.models import rebuild_model
-
     model, _ = rebuild_model(spec)
-    seen = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, int(spec.get("in_channels", 1)), size, size))
-    finally:
-        handle.remove()
-    shape = seen.get("shape", ())
+    shape = layer_output_shape(model, layer, torch.zeros(1, int(spec.get("in_channels", 1)), size, size))
     return tuple(shape[-2:]) if len(shape) == 4 else None

@@ -23,6 +23,7 @@ from i2x.report.numbers import (
     probe_accuracy,
     prototype_presence,
 )
+from i2x.store import RunStoreError
 
 __all__ = ["SECTIONS", "BUILDERS", "markdown_html", "most_confused", "cam_samples", "experiment_series"]
 
@@ -74,7 +75,8 @@ def _link(k: int) -> str:
 def markdown_html(text: str) -> str:
     """The markdown ``i2x.experiment.results_markdown`` writes (headings, paragraphs, pipe tables)
     as HTML, every cell escaped."""
-    out, table = [], []
+    out: list[str] = []
+    table: list[str] = []
 
     def flush():
         if table:
@@ -134,6 +136,7 @@ def overview(r: LoadedRun) -> str:
             ["probe", f"{store.probe_size} samples, grid {'x'.join(map(str, store.grid or ())) or '-'}"],
             ["checkpoints", f"{len(r.steps)}: steps " + (", ".join(map(str, r.steps)) or "none")]]
     if r.probs is not None:
+        assert r.labels is not None  # load_run reads the probe first
         final = r.probs[-1]
         rows.append(["final probe accuracy", f"{100 * float((final.argmax(1) == r.labels).double().mean()):.2f}%"])
         rows.append(["most confused pair (final checkpoint)", most_confused(final, r.labels, store.classes)])
@@ -164,6 +167,7 @@ def _roles(analysis, classes: list[str]) -> dict[int, dict[str, list[str]]]:
 
 
 def _exemplar_strip(r: LoadedRun, k: int) -> str:
+    assert r.protos is not None and r.data is not None and r.probe_indices is not None
     patches = exemplar_patches_at(r.protos.exemplars, r.probe_indices, r.data.images, r.store.grid, k, context=1)
     if not patches:
         return '<p class="muted">no exemplars (the prototype holds no position)</p>'
@@ -183,6 +187,7 @@ def prototypes(r: LoadedRun) -> str:
     if r.protos is None:
         return r.note("not run yet: no prototypes; finish the tracker with prototypes (`Tracker.finish()`, "
                       "or `i2x track` without `--no-prototypes`)")
+    assert r.labels is not None  # load_run reads the probe first
     classes, k = r.store.classes, r.protos.n_prototypes
     presence = prototype_presence(r.protos.assignment, r.labels, len(classes), k)
     counts = r.protos.counts()
@@ -193,8 +198,10 @@ def prototypes(r: LoadedRun) -> str:
              "patches, nearest first: the cell and one cell around it.</p>",
              _img(figures.presence_heatmap(presence.numpy(), classes), "presence of each prototype per class")]
     if r.analysis is None:
+        assert r.analysis_note is not None  # load_run says why there is no analysis
         parts.append(r.note(r.analysis_note + " (to see which prototypes are shared and specialised)"))
     if r.data is None:
+        assert r.data_note is not None  # with prototypes, load_run loads the dataset or says why not
         parts.append(r.note(r.data_note))
     total = max(1, int(r.protos.assignment.numel()))
     for j in range(k):
@@ -230,6 +237,7 @@ def training(r: LoadedRun) -> str:
                   "final confusion matrix")]
     parts.append("<h3>beta<sup>t</sup>: which prototype raised which class's confidence</h3>")
     if r.analysis is None:
+        assert r.analysis_note is not None  # load_run says why there is no analysis
         parts.append(r.note(r.analysis_note))
         return "\n".join(parts)
     a = r.analysis
@@ -244,6 +252,7 @@ def training(r: LoadedRun) -> str:
 
 def _timeline(r: LoadedRun) -> list[str]:
     a = r.analysis
+    assert a is not None  # training() shows the timeline only with an analysis
     entries = a.data["timeline"]
     threshold = a.options["separation_threshold"]
     worst = sorted(entries, key=lambda e: (-max(e["error"]), e["pair"]))[:_N_TIMELINE_LINES]
@@ -273,14 +282,19 @@ def _timeline(r: LoadedRun) -> list[str]:
 # 4. Uncertain prototypes
 
 
-def cam_samples(r: LoadedRun, pair: tuple[int, int], prototypes: list[int], n: int = _N_TILES) -> list[tuple[int, float, bool]]:
+def cam_samples(
+    r: LoadedRun, pair: tuple[int, int], prototypes: list[int], n: int = _N_TILES
+) -> list[tuple[int, float, bool]]:
     """Probe rows of the pair to show with their CAM: ``(row, share, is_target)``, the curation
     targets among the probe first, then by the share of the final CAM mass on the prototypes' cells."""
 
+    assert r.labels is not None and r.probe_indices is not None  # load_run reads the probe first
     a, b = pair
     rows = ((r.labels == a) | (r.labels == b)).nonzero().flatten()
     if rows.numel() == 0 or not prototypes:
         return []
+    if r.protos is None or r.final_saliency is None:
+        raise _missing_for_cams(r)
     cells = torch.isin(r.protos.assignment[rows], torch.tensor(prototypes))
     share = mass_share(r.final_saliency[rows], cells)
     targeted = torch.zeros(rows.numel(), dtype=torch.bool)
@@ -291,9 +305,11 @@ def cam_samples(r: LoadedRun, pair: tuple[int, int], prototypes: list[int], n: i
 
 
 def _cam_tile(r: LoadedRun, row: int, prototypes: list[int]) -> np.ndarray:
-
+    # uncertain() draws the tiles only with the dataset, and cam_samples checked the rest.
+    assert r.data is not None and r.protos is not None and r.final_saliency is not None
+    assert r.probe_indices is not None
     image = r.data.images[int(r.probe_indices[row])]
-    hw = tuple(image.shape[-2:])
+    hw = (image.shape[-2], image.shape[-1])
     heat = upsample_normalize(r.final_saliency[row][None], hw)[0].numpy()
     rgb = figures.upscale(figures.overlay(_pixels(r.data, image), heat))
     cells = torch.isin(r.protos.assignment[row], torch.tensor(prototypes))
@@ -301,8 +317,14 @@ def _cam_tile(r: LoadedRun, row: int, prototypes: list[int]) -> np.ndarray:
     return figures.outline(rgb, mask)
 
 
+def _missing_for_cams(r: LoadedRun) -> RunStoreError:
+    return RunStoreError(f"run {r.store.path}: the CAMs of the uncertain prototypes need the run's prototypes and "
+                         "a finished checkpoint (re-run `i2x analyze` after the tracker made them)")
+
+
 def uncertain(r: LoadedRun) -> str:
     if r.analysis is None:
+        assert r.analysis_note is not None  # load_run says why there is no analysis
         return r.note(r.analysis_note)
     a = r.analysis
     entries = a.data["uncertainty"]
@@ -315,12 +337,14 @@ def uncertain(r: LoadedRun) -> str:
              "candidates). The overlays show the final CAM of probe images of the pair (curation targets first, then "
              "those with the largest share of CAM mass on the flagged prototypes' cells, outlined white).</p>"]
     if r.data is None:
+        if r.data_note is None:  # an analysis without prototypes: load_run loaded no dataset
+            raise _missing_for_cams(r)
         parts.append(r.note(r.data_note))
     for u in entries:
         pa, pb = (int(v) for v in u["pair"])
         flagged = a.flagged_prototypes(pa, pb)
-        parts.append(f"<h3>{_e(classes[pa])} vs {_e(classes[pb])}</h3><p>{u['hard_confusions']} confusions at the final "
-                     f"checkpoint among {u['n_samples']} probe images; regression {_e(u['regression'])}, score "
+        parts.append(f"<h3>{_e(classes[pa])} vs {_e(classes[pb])}</h3><p>{u['hard_confusions']} confusions at the "
+                     f"final checkpoint among {u['n_samples']} probe images; regression {_e(u['regression'])}, score "
                      f"{_e(u['score'])}.</p>")
         if not flagged:
             parts.append("<p>No prototype is flagged for this pair.</p>")
@@ -334,6 +358,7 @@ def uncertain(r: LoadedRun) -> str:
                           f"d_k^t for {classes[pa]} vs {classes[pb]}"))
         ids = sorted(highlight)
         if r.data is not None and r.final_saliency is not None and ids:
+            assert r.probs is not None and r.labels is not None  # finished checkpoints: load_run read them
             tiles = []
             for row, share, target in cam_samples(r, (pa, pb), ids):
                 pred = int(r.probs[-1][row].argmax())
@@ -350,12 +375,13 @@ def uncertain(r: LoadedRun) -> str:
 
 def curation(r: LoadedRun) -> str:
     if r.targets is None:
+        assert r.targets_note is not None  # load_run says why there are no targets
         return r.note(r.targets_note)
     t, classes = r.targets, r.store.classes
     s = t.summary()
     a, b = s["pair"]
-    parts = [f"<p>Pair {_e(classes[a])} vs {_e(classes[b])}: {s['targets']} of its {s['pair_samples']} training samples "
-             f"are targets ({_pct(s['share'])}), the samples whose CAM rests on the flagged prototypes.</p>"]
+    parts = [f"<p>Pair {_e(classes[a])} vs {_e(classes[b])}: {s['targets']} of its {s['pair_samples']} training "
+             f"samples are targets ({_pct(s['share'])}), the samples whose CAM rests on the flagged prototypes.</p>"]
     rows = [[v["name"], v["samples"], v["targets"], _pct(v["share"]), v["errors"], v["errors_targeted"],
              "-" if v["mean_margin_targets"] is None else f"{v['mean_margin_targets']:+.2f}",
              "-" if v["mean_margin_class"] is None else f"{v['mean_margin_class']:+.2f}"]
@@ -368,6 +394,7 @@ def curation(r: LoadedRun) -> str:
               for p in s["prototypes"]]
     parts.append(_table(["prototype", "kind", "used", "separability", "why flagged"], protos, raw_columns=(0, 1, 4)))
     if r.data is None:
+        assert r.data_note is not None  # with targets, load_run loads the dataset or says why not
         parts.append(r.note(r.data_note))
         return "\n".join(parts)
     parts += _perturbed(r) + _transplanted(r)
@@ -375,16 +402,17 @@ def curation(r: LoadedRun) -> str:
 
 
 def _perturbed(r: LoadedRun) -> list[str]:
-    t = r.targets
+    t, data = r.targets, r.data
+    assert t is not None and data is not None  # curation() shows them only with targets and the dataset
     rows = t.selected.nonzero().flatten()
     rows = rows[torch.argsort(-t.scores[rows], stable=True)][:_N_BEFORE_AFTER]
-    perturbed = t.perturbed(r.data, "fill")
+    perturbed = t.perturbed(data, "fill")
     masks = t.masks_for(rows)
     tiles = []
-    for row, mask in zip(rows.tolist(), masks):
+    for row, mask in zip(rows.tolist(), masks, strict=True):
         index = int(t.indices[row])
-        before = _pixels(r.data, r.data.images[index])
-        after = _pixels(r.data, perturbed[index][0])
+        before = _pixels(data, data.images[index])
+        after = _pixels(data, perturbed[index][0])
         up = figures.upscale(mask.numpy())
         tiles.append(_group([_tile(figures.outline(figures.upscale(before), up, (255, 80, 0)),
                                    f"target {index}: flagged region"),
@@ -393,19 +421,21 @@ def _perturbed(r: LoadedRun) -> list[str]:
 
 
 def _transplanted(r: LoadedRun) -> list[str]:
-
+    t, data = r.targets, r.data
+    assert t is not None and data is not None  # curation() shows them only with targets and the dataset
     try:
-        moved = r.targets.transplanted(r.data)
+        moved = t.transplanted(data)
     except NothingToCurate as e:
         return ["<h3>Transplanted</h3>", r.note(f"no transplant: {e}")]
     tiles = []
     n = min(_N_BEFORE_AFTER, moved.donors.numel())
-    for donor, recipient, mask in zip(moved.donors[:n].tolist(), moved.recipients[:n].tolist(), moved.masks[:n]):
+    pairs = zip(moved.donors[:n].tolist(), moved.recipients[:n].tolist(), moved.masks[:n], strict=True)
+    for donor, recipient, mask in pairs:
         up = figures.upscale(mask.numpy())
-        donor_rgb = figures.outline(figures.upscale(_pixels(r.data, r.data.images[donor])), up, (255, 80, 0))
-        tiles.append(_group([_tile(donor_rgb, f"donor {donor} ({r.store.classes[int(r.data.labels[donor])]})"),
-                             _tile(_pixels(r.data, r.data.images[recipient]), f"recipient {recipient} before"),
-                             _tile(_pixels(r.data, moved[recipient][0]), f"recipient {recipient} after")]))
+        donor_rgb = figures.outline(figures.upscale(_pixels(data, data.images[donor])), up, (255, 80, 0))
+        tiles.append(_group([_tile(donor_rgb, f"donor {donor} ({r.store.classes[int(data.labels[donor])]})"),
+                             _tile(_pixels(data, data.images[recipient]), f"recipient {recipient} before"),
+                             _tile(_pixels(data, moved[recipient][0]), f"recipient {recipient} after")]))
     return ["<h3>Transplanted: the flagged region pasted into the other class</h3>",
             '<div class="row">' + "".join(tiles) + "</div>"]
 
@@ -441,9 +471,9 @@ def experiment(r: LoadedRun) -> str:
     parts = []
     if series:
         names = tuple(results.get("pair_names") or [str(v) for v in results["pair"]])
+        intervals = [(s["interval"]["mean"], s["interval"]["lo"], s["interval"]["hi"]) for s in series]
         png = figures.experiment_chart([s["arm"] for s in series], [s["pair_confusions"] for s in series],
-                                       [(s["interval"]["mean"], s["interval"]["lo"], s["interval"]["hi"]) for s in series],
-                                       [s["accuracy"] for s in series], names)
+                                       intervals, [s["accuracy"] for s in series], names)
         parts += ["<p>Per arm: the pair's confusions on the test set for every seed (dots), their mean (tick) and "
                   "95% t-interval over seeds (bar); right: test accuracy per seed.</p>", _img(png, "experiment arms")]
     parts.append(markdown_html(results_markdown(results)))

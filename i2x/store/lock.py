@@ -11,14 +11,17 @@ Only the standard library is used here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
+from types import ModuleType
 
 __all__ = ["LOCK_FILE", "RunLockedError", "acquire", "release", "writer_pid"]
 
 LOCK_FILE = ".i2x-lock"
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # not POSIX: no OS lock to take; writes are then not guarded across processes
@@ -37,10 +40,8 @@ def _forget_in_child() -> None:
     # A forked child (a DataLoader worker) is another process: it must not write under the
     # parent's lock, nor keep the lock alive after the parent dies.
     for fd, _ in _held.values():
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     _held.clear()
 
 

@@ -40,7 +40,8 @@ from i2x.store.atomic import (
 )
 from i2x.store.lock import RunLockedError
 
-__all__ = ["RunStore", "RunStoreError", "RunLockedError", "FORMAT", "FORMAT_VERSION", "open_run"]
+__all__ = ["RunStore", "RunStoreError", "RunLockedError", "FORMAT", "FORMAT_VERSION", "open_run", "read_json_file",
+           "read_record"]
 
 FORMAT = "i2x-run"
 FORMAT_VERSION = 1
@@ -79,11 +80,11 @@ class RunStore:
         self.path = Path(path)
         self._manifest = manifest
         self._lock_key: str | None = None
-        self._lock_finalizer = None
+        self._lock_finalizer: weakref.finalize | None = None
 
     # -- one writer at a time (i2x.store.lock) -----------------------------------------------
 
-    def lock_for_writing(self) -> "RunStore":
+    def lock_for_writing(self) -> RunStore:
         """Become the run's writer (every write method calls this first): an OS file lock held
         until :meth:`release` or until this store is garbage-collected or the process ends.
         Raises :class:`RunLockedError` when another process is writing the run."""
@@ -101,7 +102,7 @@ class RunStore:
     # -- opening and creating ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path | str) -> "RunStore":
+    def open(cls, path: str | os.PathLike) -> RunStore:
         """Open an existing run folder, checking that it is one and that this i2x can read it."""
         path = Path(path)
         if not path.exists():
@@ -125,7 +126,7 @@ class RunStore:
         probe_labels: torch.Tensor,
         schedule: Mapping | None = None,
         options: Mapping | None = None,
-    ) -> "RunStore":
+    ) -> RunStore:
         """A new run in ``path``, or the same run reopened for resuming.
 
         When ``path`` already holds a run, its model, dataset, classes and probe set must equal
@@ -270,7 +271,8 @@ class RunStore:
         step = int(step)
         entry = next((c for c in self._manifest["checkpoints"] if int(c["step"]) == step), None)
         if entry is None:
-            raise KeyError(f"run {self.path} has no finished checkpoint at step {step}; finished: {self.finished_steps()}")
+            raise KeyError(f"run {self.path} has no finished checkpoint at step {step}; "
+                           f"finished: {self.finished_steps()}")
         tensors = self._load(self.path / entry["file"], ("saliency", "probs"))
         n, m = self.probe_size, self.num_classes
         sal, probs = tensors["saliency"], tensors["probs"]
@@ -278,7 +280,8 @@ class RunStore:
             raise RunStoreError(f"{entry['file']} in {self.path}: saliency has shape {list(sal.shape)}, "
                                 f"expected [{n}, *{self._manifest['grid']}]")
         if tuple(probs.shape) != (n, m):
-            raise RunStoreError(f"{entry['file']} in {self.path}: probs has shape {list(probs.shape)}, expected [{n}, {m}]")
+            raise RunStoreError(f"{entry['file']} in {self.path}: probs has shape {list(probs.shape)}, "
+                                f"expected [{n}, {m}]")
         return tensors
 
     def load_all(self, steps: Iterable[int] | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -331,10 +334,7 @@ class RunStore:
         path = self.path / f"{name}.json"
         if not path.exists():
             raise FileNotFoundError(f"run {self.path} has no {name}.json (has that stage run?)")
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunStoreError(f"{path} is not valid JSON ({e}); the run folder is corrupt, re-run that stage") from None
+        return read_json_file(path)
 
     def stage(self, name: str) -> dict | None:
         """The manifest's record of a later stage (None if it has not run)."""
@@ -357,7 +357,7 @@ class RunStore:
         _json_safe(rec, f"record of {name}")
         self._update_manifest(lambda manifest: manifest.setdefault("stages", {}).__setitem__(name, rec))
 
-    def refresh(self) -> "RunStore":
+    def refresh(self) -> RunStore:
         """Read the manifest again (another store object, or another process, may have written
         stages since this one was opened)."""
         self._manifest = _read_manifest(self.path)
@@ -395,9 +395,11 @@ class RunStore:
     def _check_probe_file(self) -> None:
         indices, labels = self.probe()
         if indices.numel() != self.probe_size or labels.numel() != self.probe_size:
-            raise RunStoreError(f"{self.path / PROBE}: holds {indices.numel()} samples, the manifest says {self.probe_size}")
+            raise RunStoreError(f"{self.path / PROBE}: holds {indices.numel()} samples, "
+                                f"the manifest says {self.probe_size}")
         if _fingerprint(indices, labels) != self._manifest["probe"]["fingerprint"]:
-            raise RunStoreError(f"{self.path / PROBE} does not match the manifest's probe fingerprint: the folder is corrupt")
+            raise RunStoreError(f"{self.path / PROBE} does not match the manifest's probe fingerprint: "
+                                "the folder is corrupt")
 
     def _cleanup_temporaries(self) -> None:
         # Left by a run killed mid-write; never referenced by the manifest.
@@ -434,7 +436,8 @@ def _read_manifest(path: Path) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise RunStoreError(f"{mpath} is corrupt: field {key!r} is missing or not a {kind.__name__}")
     for entry in manifest["checkpoints"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or not isinstance(entry.get("file"), str):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("step"), int)
+                or not isinstance(entry.get("file"), str)):
             raise RunStoreError(f"{mpath} is corrupt: checkpoint entry {entry!r} lacks an integer 'step' or a 'file'")
     return manifest
 
@@ -456,7 +459,8 @@ def _fingerprint(indices: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, torch.Tensor) and step.numel() == 1):
+    if isinstance(step, bool) or (
+            not isinstance(step, int) and not (isinstance(step, torch.Tensor) and step.numel() == 1)):
         raise TypeError(f"step: expected an int, got {type(step).__name__}")
     step = int(step)
     if step < 0:
@@ -474,7 +478,9 @@ def _json_safe(obj, what: str) -> None:
     try:
         json.dumps(obj, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} must be plain JSON (str, int, float, bool, None, lists, dicts; no NaN): {e}") from None
+        raise ValueError(
+            f"{what} must be plain JSON (str, int, float, bool, None, lists, dicts; no NaN): {e}"
+        ) from None
 
 
 def open_run(run) -> RunStore:
@@ -485,3 +491,25 @@ def open_run(run) -> RunStore:
     if isinstance(run, (str, os.PathLike)):
         return RunStore.open(run)
     raise TypeError(f"run: expected a run folder path or a RunStore, got {describe(run)}")
+
+
+def read_json_file(path: Path) -> object:
+    """The JSON document at ``path``, or RunStoreError naming the file when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunStoreError(f"{path} is not valid JSON ({e}); the run folder is corrupt, re-run that stage") from None
+
+
+def read_record(
+    path: Path, schema: str, what: str, version: int | None = None, redo: str = "re-run that stage"
+) -> dict:
+    """A stage's JSON record at ``path``: a JSON object whose ``schema`` is ``schema`` (and whose
+    ``schema_version`` is ``version``, when given), or RunStoreError naming the file and ``redo``."""
+    data = read_json_file(path)
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        raise RunStoreError(f"{path} is not {what} (schema is not {schema!r})")
+    if version is not None and data.get("schema_version") != version:
+        raise RunStoreError(f"{path} has schema version {data.get('schema_version')!r}; this i2x reads {version}. "
+                            f"{redo[:1].upper()}{redo[1:]}.")
+    return data

@@ -25,13 +25,22 @@ CALIBRATION_BATCH = 256
 CALIBRATION_MAX_VALUES = 1 << 22
 
 
+def _running_stats(m: nn.modules.batchnorm._NormBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(running_mean, running_var, num_batches_tracked)`` of a norm that tracks running statistics."""
+    mean, var, count = m.running_mean, m.running_var, m.num_batches_tracked
+    assert mean is not None and var is not None and count is not None  # track_running_stats is set
+    return mean, var, count
+
+
 def _calibration_batch(images, batch_size: int) -> int:
     per_image = max(1, math.prod(images.shape[1:]))
     return max(1, min(batch_size, CALIBRATION_MAX_VALUES // per_image))
 
 
 @contextlib.contextmanager
-def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device, batch_size: int = CALIBRATION_BATCH):
+def recalibrated_batchnorm(
+    model: nn.Module, images: torch.Tensor | None, device, batch_size: int = CALIBRATION_BATCH
+):
     """BatchNorm running statistics recomputed on fixed ``images`` for the duration, then put back.
 
     During training the running statistics trail the weights (an exponential average over recent
@@ -44,7 +53,7 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
     if images is None or images.shape[0] == 0 or not norms:
         yield
         return
-    saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    saved = [(m, m.momentum, tuple(t.clone() for t in _running_stats(m))) for m in norms]
     try:
         with eval_mode(model), torch.no_grad():
             for m in norms:
@@ -60,11 +69,10 @@ def recalibrated_batchnorm(model: nn.Module, images: torch.Tensor | None, device
         yield
     finally:
         with torch.no_grad():
-            for m, momentum, mean, var, count in saved:
+            for m, momentum, stats in saved:
                 m.momentum = momentum
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+                for running, value in zip(_running_stats(m), stats, strict=True):
+                    running.copy_(value)
 
 
 def calibration_rows(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor | None:

@@ -58,13 +58,14 @@ def track_checkpoints(
     run_dir: str | Path,
     prototypes: bool | Mapping = True,
     **tracker_options,
-) -> RunStore:
+) -> RunStore | None:
     """Post hoc tracking: record every saved checkpoint (ascending step) into ``run_dir``.
 
     ``checkpoints`` is a folder (see :func:`find_checkpoints`) or explicit ``(step, file)`` pairs.
     The last one is the final model; prototypes are discovered from it unless
     ``prototypes=False``. Steps already finished in ``run_dir`` are skipped, so an interrupted
-    call resumes where it stopped. ``model`` gets its original weights back at the end.
+    call resumes where it stopped. ``model`` gets its original weights back at the end. Returns
+    the :class:`RunStore` (None off rank 0, as :meth:`Tracker.finish`).
     """
     pairs = find_checkpoints(checkpoints) if isinstance(checkpoints, (str, Path)) else [
         (int(s), Path(p)) for s, p in checkpoints

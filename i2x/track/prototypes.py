@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,8 +54,8 @@ from i2x._internal.tensors import as_grid
 from i2x.store import RunStoreError
 from i2x.track.streamed import StreamedImages, batches_at, iter_batches
 
-__all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes", "read_assignment", "read_prototypes",
-           "write_prototypes", "layer_features_of", "capture_layer_output"]
+__all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes", "read_assignment",
+           "read_prototypes", "write_prototypes", "layer_features_of", "capture_layer_output"]
 
 # Rows are converted to float64 in chunks of at most this many elements (32 MiB), so no float64
 # copy of a whole feature batch (256 x 2048 x 7 x 7 would be 205 MB) is ever made.
@@ -178,7 +179,8 @@ class Prototypes:
                 raise TypeError(f"Prototypes.from_tensors: tensors[{name!r}] must be a tensor, got {type(t).__name__}")
             if t.dim() != dims:
                 raise ValueError(
-                    f"Prototypes.from_tensors: tensors[{name!r}] must have {dims} dimension(s), got shape {tuple(t.shape)}"
+                    f"Prototypes.from_tensors: tensors[{name!r}] must have {dims} dimension(s), "
+                    f"got shape {tuple(t.shape)}"
                 )
         for name in ("assignment", "exemplars"):
             if tensors[name].dtype != torch.int64:
@@ -272,7 +274,8 @@ def capture_layer_output(model: nn.Module, resolved: tuple[str, nn.Module], x: t
 
     def hook(mod, inputs, output):
         if not isinstance(output, torch.Tensor):
-            raise ValueError(f"layer {name!r} returns {type(output).__name__}, not a tensor; pick a layer whose output is one")
+            raise ValueError(f"layer {name!r} returns {type(output).__name__}, not a tensor; "
+                             "pick a layer whose output is one")
         # A copy: an in-place op after the layer (ReLU(inplace=True)) would overwrite the output.
         recorded.append(output.detach().clone())
 
@@ -296,7 +299,8 @@ class _ImageSource:
             if images.dim() < 1:
                 raise ValueError("images must be a [N, ...] tensor or a dataset, got a 0-d tensor")
         elif not (hasattr(images, "__getitem__") and hasattr(images, "__len__")):
-            raise TypeError(f"images must be a [N, ...] tensor or a dataset (len + indexing), got {type(images).__name__}")
+            raise TypeError("images must be a [N, ...] tensor or a dataset (len + indexing), "
+                            f"got {type(images).__name__}")
         self.images = images
 
     def __len__(self) -> int:
@@ -308,20 +312,21 @@ class _ImageSource:
         if isinstance(self.images, (torch.Tensor, StreamedImages)):
             yield from (x for _, x in iter_batches(self.images, batch_size))
         elif isinstance(self.images, torch.utils.data.Dataset):
-            yield from (x for _, x in batches_at(self.images, torch.arange(len(self.images)), batch_size))
+            yield from (x for _, x in batches_at(self.images, torch.arange(len(self)), batch_size))
         else:
             for start in range(0, len(self), batch_size):
                 yield self._stacked(start, min(start + batch_size, len(self)))
 
     def _stacked(self, start: int, stop: int) -> torch.Tensor:
         """Items ``start:stop`` of an in-memory sequence of images, stacked."""
-        items = []
+        items: list[torch.Tensor] = []
         for i in range(start, stop):
             item = self.images[i]
             if isinstance(item, (tuple, list)) and item:
                 item = item[0]
             if not isinstance(item, torch.Tensor):
-                raise TypeError(f"images[{i}] must be an image tensor (or a tuple starting with one), got {type(item).__name__}")
+                raise TypeError(f"images[{i}] must be an image tensor (or a tuple starting with one), "
+                                f"got {type(item).__name__}")
             if items and item.shape != items[0].shape:
                 raise ValueError(f"images[{i}] has shape {tuple(item.shape)}, images[{start}] {tuple(items[0].shape)}; "
                                  "images of one batch must share a shape")
@@ -366,7 +371,7 @@ def fit_prototypes(
     Returns:
         ``Prototypes`` (CPU tensors), ``options`` holding every option above but ``progress``.
     """
-    options = {
+    options: dict[str, Any] = {
         "n_prototypes": check_int(n_prototypes, "n_prototypes"),
         "pca_dim": check_int(pca_dim, "pca_dim"),
         "seed": check_int(seed, "seed", None),
@@ -612,7 +617,7 @@ def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
     converting every row to float64 would cost 3x the time)."""
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
     block = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
-    for rows, lab in zip(x.split(_SUM_BLOCK_ROWS), labels.split(_SUM_BLOCK_ROWS)):
+    for rows, lab in zip(x.split(_SUM_BLOCK_ROWS), labels.split(_SUM_BLOCK_ROWS), strict=True):
         sums += block.zero_().index_add_(0, lab, rows)
     return sums, torch.bincount(labels, minlength=k)
 
@@ -660,6 +665,7 @@ def _kmeans(x, k: int, generator, n_init: int, max_iter: int, tol: float, progre
         centroids, inertia = _lloyd(x, _kmeans_plus_plus(x, x_norms, k, generator), max_iter, shift_tol)
         if inertia < best_inertia or best is None:
             best, best_inertia = centroids, inertia
+    assert best is not None  # n_init >= 1 runs
     return best, best_inertia
 
 
@@ -722,7 +728,8 @@ def read_prototypes(store) -> Prototypes:
     _require_file(store)
     path = store.path / "prototypes.safetensors"
     try:
-        protos = Prototypes.from_tensors(store.read_tensors("prototypes"), (store.stage("prototypes") or {}).get("options"))
+        tensors = store.read_tensors("prototypes")
+        protos = Prototypes.from_tensors(tensors, (store.stage("prototypes") or {}).get("options"))
     except (KeyError, TypeError, ValueError) as e:
         raise RunStoreError(f"{path} is corrupt ({e}); re-run the prototypes") from None
     _checked_against_run(store, protos.assignment, protos.centroids)
@@ -733,7 +740,8 @@ def write_prototypes(store, protos: Prototypes) -> None:
     """Store prototypes in the run, checking they cover its probe set and grid."""
     expected = [store.probe_size, *(store.grid or protos.assignment.shape[1:])]
     if list(protos.assignment.shape) != list(expected):
-        raise ValueError(f"prototypes: assignment has shape {list(protos.assignment.shape)}, the run expects {expected}")
+        raise ValueError(f"prototypes: assignment has shape {list(protos.assignment.shape)}, "
+                         f"the run expects {expected}")
     store.write_tensors("prototypes", protos.to_tensors(), record={"options": protos.options,
                                                                     "n_prototypes": protos.n_prototypes})
 

@@ -65,9 +65,9 @@ class StreamedImages:
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.batch_size = int(batch_size)
-        self._sample = None  # the first image, read once for shape and dtype
+        self._sample: torch.Tensor | None = None  # the first image, read once for shape and dtype
 
-    def _like(self, indices: torch.Tensor) -> "StreamedImages":
+    def _like(self, indices: torch.Tensor) -> StreamedImages:
         view = StreamedImages(self.dataset, indices, num_workers=self.num_workers, pin_memory=self.pin_memory,
                               batch_size=self.batch_size)
         view._sample = self._sample
@@ -134,7 +134,7 @@ def _releasing(batches: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[in
             release_freed_heap()
 
 
-def _streamed_batches(images: "StreamedImages", batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _streamed_batches(images: StreamedImages, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     start = 0
     for batch in images.batches(batch_size):
         yield start, batch

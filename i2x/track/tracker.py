@@ -72,7 +72,7 @@ class Probe:
         dataset: JSON description of the source (name, split, ...), recorded in the run.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | StreamedImages
     labels: torch.Tensor
     classes: list[str]
     indices: torch.Tensor | None = None
@@ -109,7 +109,7 @@ class Probe:
 
     @classmethod
     def from_dataset(cls, dataset, size: int | None = None, seed: int = 0, *, classes: Sequence[str] | None = None,
-                     num_workers: int = 0, pin_memory: bool = False) -> "Probe":
+                     num_workers: int = 0, pin_memory: bool = False) -> Probe:
         """A stratified, seeded subset of ``size`` samples (all when None) of a dataset.
 
         An ``i2x.data`` dataset (``images``, ``labels``, ``classes`` held as tensors) gives its
@@ -122,7 +122,8 @@ class Probe:
         dataset's ``.classes``, or ``"0".."M-1"``."""
         from i2x.data import labels_of
 
-        if all(hasattr(dataset, a) for a in ("images", "labels", "classes")) and isinstance(dataset.images, torch.Tensor):
+        if (all(hasattr(dataset, a) for a in ("images", "labels", "classes"))
+                and isinstance(dataset.images, torch.Tensor)):
             labels = torch.as_tensor(dataset.labels)
             source, names, name = dataset.images, list(classes or dataset.classes), getattr(dataset, "name", "custom")
         elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
@@ -181,7 +182,9 @@ def _root(dataset):
 # Schedules
 
 
-def log_schedule(planned_steps: int, n_checkpoints: int = DEFAULT_CHECKPOINTS, first_step: int | None = None) -> list[int]:
+def log_schedule(
+    planned_steps: int, n_checkpoints: int = DEFAULT_CHECKPOINTS, first_step: int | None = None
+) -> list[int]:
     """``n_checkpoints`` distinct steps log-spaced (denser early) from ``first_step`` to
     ``planned_steps``, always ending at ``planned_steps``.
 
@@ -277,7 +280,7 @@ def _dist_context() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather_shards(local: torch.Tensor, sizes: list[int], device: torch.device) -> torch.Tensor | None:
+def _gather_shards(local: torch.Tensor, sizes: list[int], device: torch.device) -> torch.Tensor:
     """Concatenate every rank's ``local`` (first dim ``sizes[r]``) in rank order; all ranks get it.
 
     Collectives need equal shapes, so shards are padded to the largest one and trimmed after.
@@ -288,7 +291,7 @@ def _gather_shards(local: torch.Tensor, sizes: list[int], device: torch.device) 
     padded[: local.shape[0]] = local.to(device)
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu()
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).cpu()
 
 
 @contextlib.contextmanager
@@ -398,7 +401,8 @@ class Tracker:
         self.progress = progress
         self.rank, self.world = _dist_context()
         self.run_dir = Path(run_dir)
-        model_info = {"name": model_name or type(self.module).__name__, "layer": layer_name, "method": method}
+        model_info: dict[str, object] = {"name": model_name or type(self.module).__name__, "layer": layer_name,
+                                         "method": method}
         spec = getattr(self.module, "i2x_spec", None)  # set by i2x.build_model: how to rebuild it
         if isinstance(spec, dict):
             model_info["build"] = dict(spec)
@@ -423,6 +427,7 @@ class Tracker:
         error = None
         store = None
         if self.rank == 0:
+            assert self.probe.indices is not None  # Probe.__post_init__ fills it
             try:
                 store = RunStore.create(
                     self.run_dir, model=model_info, dataset=dict(self.probe.dataset), classes=self.probe.classes,
@@ -475,6 +480,7 @@ class Tracker:
             raise ValueError("finish: no step seen yet; pass the final step explicitly")
         self.record(step, final=True)
         if save_weights and self.rank == 0:
+            assert self.store is not None  # rank 0 opened the run
             self.store.write_weights(self.module.state_dict(), step)
         if prototypes is not False:
             options = dict(prototypes) if isinstance(prototypes, Mapping) else {}
@@ -515,6 +521,7 @@ class Tracker:
             saliency = _gather_shards(saliency, sizes, device)
             probs = _gather_shards(probs, sizes, device)
         if self.rank == 0:
+            assert self.store is not None  # rank 0 opened the run
             self.store.write_checkpoint(step, saliency, probs, final=final)
             if self.progress:
                 acc = (probs.argmax(1) == self.probe.labels).float().mean().item()
