@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="*", default=[c.name for c in CASES], choices=[c.name for c in CASES])
     parser.add_argument("--no-memory", action="store_true", help="skip the prototype_assign memory measurement")
     parser.add_argument("--write", type=Path, help="append the table to this Markdown file")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
         print(f"{case.name:24s} i2x {row['i2x_ms']:9.3f} ms  eager {row['eager_ms']:9.3f} ms  "
               f"x{ratio:5.2f}  {'met' if row['met'] else 'MISSED'}  {row['note']}", flush=True)
 
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
     header = "| op | shape | i2x ms | eager ms | eager / i2x | goal | met | note |\n|---|---|---|---|---|---|---|---|\n"
     body = "".join(
         f"| {r['op']} | {r['shape']} | {r['i2x_ms']:.3f} | {r['eager_ms']:.3f} | {r['speedup']:.2f}x | {r['goal']} | "

@@ -99,7 +99,9 @@ def _flatten_positions(features: torch.Tensor) -> torch.Tensor:
     return features
 
 
-def project(features: torch.Tensor, mean: torch.Tensor | None = None, components: torch.Tensor | None = None) -> torch.Tensor:
+def project(
+    features: torch.Tensor, mean: torch.Tensor | None = None, components: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``[N, C]`` (or ``[B, C, h, w]`` flattened to rows) -> ``(f - mean) @ components``."""
     tensors = [t for t in (features, mean, components) if t is not None]
     compute = _opmath(*tensors)
@@ -135,7 +137,9 @@ def prototype_assign(
     return index, best.to(out_dtype)
 
 
-def prototype_pool(saliency: torch.Tensor, assignment: torch.Tensor, num_prototypes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prototype_pool(
+    saliency: torch.Tensor, assignment: torch.Tensor, num_prototypes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean saliency over the positions assigned to each prototype ``[B, K]`` (0 where absent),
     and the number of those positions ``[B, K]`` (int64)."""
     b = saliency.shape[0]

@@ -15,6 +15,7 @@ import dataclasses
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -187,7 +188,8 @@ def _check_options(opts: dict) -> tuple[dict, Callable, str]:
         )
     if o["uncertainty_regression"] not in UNCERTAINTY_REGRESSIONS:
         raise ValueError(
-            f"uncertainty_regression: expected one of {list(UNCERTAINTY_REGRESSIONS)}, got {o['uncertainty_regression']!r}"
+            f"uncertainty_regression: expected one of {list(UNCERTAINTY_REGRESSIONS)}, "
+            f"got {o['uncertainty_regression']!r}"
         )
     if o["pairs"] is not None:
         try:
@@ -349,17 +351,21 @@ def analyze(run, **options) -> Analysis:
                                     f"(swing {float(res['score'][i]):.3g}); in {float(pa[i]):.0%} of {names[a]} and "
                                     f"{float(pb[i]):.0%} of {names[b]}"),
                          "d": [float(v) for v in d[:, i]]} for i in flagged],
-            "decisive_formula": "D_k = |mean_t d_k^t|, eligible when present in >= decisive_presence of the pair's samples",
+            "decisive_formula": "D_k = |mean_t d_k^t|, eligible when present in >= decisive_presence of the "
+                                "pair's samples",
             "decisive": [{"prototype": i, "score": float(dec["score"][i]),
                           "towards": a if int(dec["direction"][i]) > 0 else b,
                           "presence": float(pair_pres[i]), "presence_a": float(pa[i]), "presence_b": float(pb[i]),
-                          "reason": (f"decisive: pushed towards {names[a] if int(dec['direction'][i]) > 0 else names[b]} "
-                                     f"all along (|mean d| {float(dec['score'][i]):.3g}); in {float(pa[i]):.0%} of "
+                          "reason": ("decisive: pushed towards "
+                                     f"{names[a] if int(dec['direction'][i]) > 0 else names[b]} all along "
+                                     f"(|mean d| {float(dec['score'][i]):.3g}); in {float(pa[i]):.0%} of "
                                      f"{names[a]} and {float(pb[i]):.0%} of {names[b]}"),
                           "d": [float(v) for v in d[:, i]]} for i in decisive],
         })
 
-    data = {
+    grid = store.grid
+    assert grid is not None  # the run's first checkpoint recorded it
+    data: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "options": o,
@@ -368,7 +374,7 @@ def analyze(run, **options) -> Analysis:
         "classes": names,
         "class_sizes": [int(v) for v in sizes],
         "probe_size": store.probe_size,
-        "grid": list(store.grid),
+        "grid": list(grid),
         "num_prototypes": k,
         "uncertainty_formula": formula,
         "fingerprints": {"probe": store.manifest["probe"]["fingerprint"], "prototypes": tensor_digest(assignment),
@@ -504,11 +510,12 @@ def explain_sample(run, index: int, top: int = 5) -> SampleExplanation:
     h, w = sal.shape
     order = torch.sort(sal.flatten(), descending=True, stable=True).indices[: min(top, h * w)]
     flat_assign = assignment[index].flatten()
-    positions = [{"row": int(j) // w, "col": int(j) % w, "saliency": float(sal.flatten()[j]),
+    positions: list[dict[str, Any]] = [{"row": int(j) // w, "col": int(j) % w, "saliency": float(sal.flatten()[j]),
                   "prototype": int(flat_assign[j])} for j in order]
     beta = analysis.beta_pooled  # [T-1, K, M]
     involved = {y, pred}
-    evidence, seen = [], {}
+    evidence: list[PrototypeEvidence] = []
+    seen: dict[int, PrototypeEvidence] = {}
     for p in positions:
         k = p["prototype"]
         if k in seen:

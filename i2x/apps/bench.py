@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import importlib.util
 import os
@@ -127,7 +128,8 @@ def _dry_run(model: nn.Module, layer: str, x: torch.Tensor, autocast) -> tuple[t
         with torch.no_grad(), autocast():
             logits = model(x)
     except RuntimeError as e:
-        raise ValueError(f"size: {size} px is too small (or the wrong shape) for this model: {' '.join(str(e).split())[:300]}") from None
+        raise ValueError(f"size: {size} px is too small (or the wrong shape) for this model: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     finally:
         handle.remove()
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -136,8 +138,8 @@ def _dry_run(model: nn.Module, layer: str, x: torch.Tensor, autocast) -> tuple[t
     if len(shape) != 4:
         raise ValueError(f"layer {layer!r} gives {shape or 'no tensor'}, not a [B, C, h, w] grid; name another layer")
     if shape[2] * shape[3] <= 1:
-        raise ValueError(f"size: at {size} px layer {layer!r} is a {shape[2]}x{shape[3]} grid, which localises nothing; "
-                         "pass a larger size")
+        raise ValueError(f"size: at {size} px layer {layer!r} is a {shape[2]}x{shape[3]} grid, "
+                         "which localises nothing; pass a larger size")
     return logits.float(), (int(shape[2]), int(shape[3]))
 
 
@@ -254,7 +256,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device) -> dict[str, list[float]]:
+def _interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device
+) -> dict[str, list[float]]:
     """Seconds of every call, per row; each round runs every row once, the order rotating so no
     row always follows the same (memory-hungry) one."""
     for _ in range(warmup):
@@ -403,7 +407,9 @@ def bench(model="resnet18", *, batch: int = 8, size: int = 224, device="cpu", dt
     labels = torch.randint(0, classes, (batch,), generator=gen).to(dev)
 
     explain_fns, skipped = explain_contenders(net, layer_name, method, dtype=dtype, device=dev, third_party=captum)
-    calls = {name: (lambda fn=fn: fn(x, targets)) for name, fn in explain_fns.items()}
+    calls: dict[str, Callable[[], object]] = {
+        name: functools.partial(fn, x, targets) for name, fn in explain_fns.items()
+    }
     _drop_failing_third_party(calls, skipped)
     calls[TRAIN] = _training_step(copy.deepcopy(net), layer_name, method, x, labels, dev, dtype, with_i2x=False)
     calls[TRAIN_I2X] = _training_step(copy.deepcopy(net), layer_name, method, x, labels, dev, dtype, with_i2x=True)

@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,6 +116,7 @@ def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epoch
     tracker = Tracker(net, layer, probe, run_dir, planned_steps=steps, model_name=model, device=device,
                       progress=True)
     store = tracker.store
+    assert store is not None  # one process: it is rank 0, which holds the run
     if store.has("prototypes") and store.has("weights") and store.stage("train") is not None:
         load_state_into(net, store.read_weights(), run_dir / "weights.safetensors")
         store.release()
@@ -145,8 +147,9 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     plan = DEMO_PLANS["quick" if quick else "default"]
     if full:
         plan = replace(plan, arms=ALL_ARMS, seeds=FULL_SEEDS)
-    plan = replace(plan, **{k: v for k, v in {"arms": tuple(arms) if arms else None, "seeds": seeds,
-                                              "train_size": train_size, "epochs": epochs}.items() if v is not None})
+    overrides: dict[str, Any] = {"arms": tuple(arms) if arms else None, "seeds": seeds, "train_size": train_size,
+                                 "epochs": epochs}
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -214,7 +217,8 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         "test_samples": len(test), "plan": asdict(plan), "epochs": epochs_needed, "evaluation": base,
         "pair": _pair_summary(pair_entry, base, train.classes),
         "targets": targets_summary and {k: targets_summary.get(k) for k in ("status", "targets", "pair_samples",
-                                                                              "share", "message") if k in targets_summary},
+                                                                              "share", "message")
+                                        if k in targets_summary},
         "best_arm": _best_arm(results),
         "timings": {**previous.get("timings", {}), **timings},
     }

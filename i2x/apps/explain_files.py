@@ -37,9 +37,9 @@ from i2x.explain import Explainer
 from i2x.models import build_arch, first_conv_channels
 from i2x.reference import CAM_METHODS
 from i2x.report import figures
-from i2x.store import atomic_write_bytes, open_run
+from i2x.store import RunStore, atomic_write_bytes, open_run
 from i2x.track import check_run_grid, final_model
-from i2x.track.prototypes import layer_features_of, read_prototypes
+from i2x.track.prototypes import Prototypes, layer_features_of, read_prototypes
 
 __all__ = ["IMAGE_SUFFIXES", "ImageModel", "RunKnowledge", "explain_files", "explain_images", "image_files",
            "format_explanations", "load_image", "open_image_model", "overlay", "prototype_shares"]
@@ -68,7 +68,7 @@ class RunKnowledge:
     """
 
     path: str
-    prototypes: object  # i2x.prototypes.Prototypes
+    prototypes: Prototypes
     class_presence: torch.Tensor
     shared: dict[int, list[int]] = field(default_factory=dict)
     specialised: dict[int, list[int]] = field(default_factory=dict)
@@ -182,6 +182,7 @@ def open_image_model(weights, *, arch: str | None = None, run=None, layer: str |
         raise ValueError(f"--method: expected one of {list(CAM_METHODS)}, got {method!r}")
     size = None if size is None else check_int(size, "--size")
     dev = torch.device(device or "cpu")
+    store: RunStore | None
     if weights.is_dir():
         if arch is not None:
             raise ValueError(f"--arch: not used when --model is a run folder ({weights}); the run's manifest says "
@@ -200,7 +201,8 @@ def open_image_model(weights, *, arch: str | None = None, run=None, layer: str |
         model, kind = build_arch(arch, state)
         load_state_into(model, state, weights, f"--arch {arch}")
         store = open_run(run) if run is not None else None
-        source = {"weights": str(weights), "arch": arch, "kind": kind, "run": None if store is None else str(store.path)}
+        source = {"weights": str(weights), "arch": arch, "kind": kind,
+                  "run": None if store is None else str(store.path)}
     else:
         raise FileNotFoundError(f"--model {weights}: no such run folder or weights file")
     model = model.to(dev).eval()
@@ -328,6 +330,7 @@ def _features(im: ImageModel, x: torch.Tensor) -> torch.Tensor:
 def _prototype_entries(im: ImageModel, share, counts, intensity, predicted: int) -> list[dict]:
     """One entry per prototype present, by share, descending."""
     run, names = im.run, im.classes
+    assert run is not None  # the structured part is computed only for a model with a run's prototypes
     present = [int(k) for k in counts.nonzero().flatten()]
     present.sort(key=lambda k: (-float(share[k]), k))
     out = []
@@ -376,7 +379,7 @@ def explain_images(im: ImageModel, files: list[Path], out: Path | None, top: int
         if im.run is not None:
             assignment = im.run.prototypes.assign(_features(im, x))
             structured = prototype_shares(grid, assignment, im.run.prototypes.n_prototypes)
-        for i, (path, (_, rgb)) in enumerate(zip(chunk, loaded)):
+        for i, (path, (_, rgb)) in enumerate(zip(chunk, loaded, strict=True)):
             mine = None if structured is None else tuple(t[i].cpu() for t in structured)
             entry = _one(im, path, rgb, grid[i], probs[i], top, mine)
             if out is not None:
@@ -388,7 +391,7 @@ def explain_images(im: ImageModel, files: list[Path], out: Path | None, top: int
     return results
 
 
-def _one(im: ImageModel, path: Path, rgb, grid, probs, top: int, structured) -> dict:
+def _one(im: ImageModel, path: Path, rgb, grid, probs, top: int, structured: Sequence[torch.Tensor] | None) -> dict:
     h, w = grid.shape
     flat = int(torch.argmax(grid.flatten()))  # first maximum, row-major
     row, col = divmod(flat, w)
@@ -399,14 +402,16 @@ def _one(im: ImageModel, path: Path, rgb, grid, probs, top: int, structured) -> 
         "file": str(path),
         "image_size": [height, width],
         "predicted": {"class": predicted, "name": im.classes[predicted], "prob": float(probs[predicted])},
-        "top": [{"class": int(c), "name": im.classes[int(c)], "prob": float(p)} for p, c in zip(best.values, best.indices)],
+        "top": [{"class": int(c), "name": im.classes[int(c)], "prob": float(p)}
+                for p, c in zip(best.values, best.indices, strict=True)],
         "grid": [int(h), int(w)],
         # The cell's centre in the image's own pixels (x to the right, y down).
         "peak": {"row": row, "col": col, "saliency": float(grid[row, col]),
                  "x": (col + 0.5) * width / w, "y": (row + 0.5) * height / h},
     }
     if structured is not None:
-        entry["prototypes"] = _prototype_entries(im, *structured, predicted)
+        share, counts, intensity = structured
+        entry["prototypes"] = _prototype_entries(im, share, counts, intensity, predicted)
     return entry
 
 
@@ -438,9 +443,11 @@ def format_explanations(result: dict, top: int = 5) -> str:
     for e in result["images"]:
         p = e["peak"]
         others = ", ".join(f"{t['name']!r} {t['prob']:.3f}" for t in e["top"])
-        lines.append(f"{e['file']}: predicted {e['predicted']['name']!r} (p={e['predicted']['prob']:.3f}); top {others}")
+        lines.append(f"{e['file']}: predicted {e['predicted']['name']!r} (p={e['predicted']['prob']:.3f}); "
+                     f"top {others}")
         lines.append(f"  saliency peak at ({p['row']}, {p['col']}) of the {e['grid'][0]}x{e['grid'][1]} grid "
-                     f"(pixel x={p['x']:.0f}, y={p['y']:.0f})" + (f"; overlay {e['overlay']}" if "overlay" in e else ""))
+                     f"(pixel x={p['x']:.0f}, y={p['y']:.0f})"
+                     + (f"; overlay {e['overlay']}" if "overlay" in e else ""))
         for q in e.get("prototypes", [])[:top]:
             where = ", ".join(f"{c['name']} {c['presence']:.0%}" for c in q["probe_presence"])
             extra = ""
@@ -451,8 +458,8 @@ def format_explanations(result: dict, top: int = 5) -> str:
                                                     for a, b in [f["names"]]) if q["flagged_for"] else "",
                          f"beta[{e['predicted']['name']}] {q['beta_predicted_now']:+.3g}"]
                 extra = "; " + "; ".join(s for s in parts if s)
-            lines.append(f"  prototype {q['prototype']}: {q['share']:.1%} of the saliency ({q['positions']} positions); "
-                         f"in the probe: {where}{extra}")
+            lines.append(f"  prototype {q['prototype']}: {q['share']:.1%} of the saliency "
+                         f"({q['positions']} positions); in the probe: {where}{extra}")
     if result.get("out"):
         lines.append(f"written: {Path(result['out']) / 'explanations.json'}")
     return "\n".join(lines)

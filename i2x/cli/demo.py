@@ -10,7 +10,8 @@ from i2x.cli.common import COMMON, emit, int_list, positive_int
 
 def register(sub) -> None:
     demo = sub.add_parser(
-        "demo", parents=[COMMON], help="the whole method on the default data: train, explain, curate, experiment, report",
+        "demo", parents=[COMMON],
+        help="the whole method on the default data: train, explain, curate, experiment, report",
         description="Train the small ResNet on the default data (Fashion-MNIST when found, else scikit-learn's digits) "
                     "with online tracking, find prototypes, analyse, find the targets of the most confused pair, run "
                     "a small fine-tuning experiment, and write the report. Resumable: run it again on the same folder "
@@ -33,7 +34,8 @@ def register(sub) -> None:
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.set_defaults(handler=_demo)
 
-    train = sub.add_parser("train", parents=[COMMON], help="train a small model on a named dataset with online tracking",
+    train = sub.add_parser("train", parents=[COMMON],
+                           help="train a small model on a named dataset with online tracking",
                            description="Stages 1-2: train i2x's small ResNet (or resnet50) with an online Tracker, fit "
                                        "the prototypes, keep the final weights in the run. Resumable.")
     train.add_argument("run", type=Path, help="the run folder (created, or resumed)")

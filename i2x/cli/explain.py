@@ -21,7 +21,8 @@ _FILE_OPTIONS = ("arch", "run_dir", "layer", "out", "size", "device", "method")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "explain", parents=[COMMON], help="why a probe sample (RUN INDEX) or image files (--model) look where they look",
+        "explain", parents=[COMMON],
+        help="why a probe sample (RUN INDEX) or image files (--model) look where they look",
         usage="i2x explain RUN INDEX [--top K] [--json]\n"
               "       i2x explain --model WEIGHTS IMAGE|FOLDER [IMAGE ...] [--arch A] [--run RUN] [--layer L] "
               "[--out DIR] [--top K] [--size S] [--device D] [--json]",
@@ -31,12 +32,15 @@ def register(sub) -> None:
     p.add_argument("items", nargs="*", metavar="RUN INDEX | IMAGE",
                    help="a run folder and a probe index, or (with --model) image files and folders")
     p.add_argument("--model", dest="weights", type=Path, default=None, metavar="WEIGHTS",
-                   help="a run folder (model, weights, prototypes) or a weights file (safetensors or torch; needs --arch)")
+                   help="a run folder (model, weights, prototypes) or a weights file "
+                        "(safetensors or torch; needs --arch)")
     p.add_argument("--arch", default=None, help="torchvision name, module:factory or small-resnet (a weights file)")
     p.add_argument("--run", dest="run_dir", type=Path, default=None,
                    help="a run whose prototypes, classes, layer and normalisation to use with a weights file")
-    p.add_argument("--layer", default=None, help="the explained layer (default: the run's, else the model's last stage)")
-    p.add_argument("--out", type=Path, default=None, help="where overlays and explanations.json go (default i2x-explain)")
+    p.add_argument("--layer", default=None,
+                   help="the explained layer (default: the run's, else the model's last stage)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where overlays and explanations.json go (default i2x-explain)")
     p.add_argument("--top", type=positive_int, default=5, help="top positions (RUN INDEX) / top classes (default 5)")
     p.add_argument("--size", type=positive_int, default=None,
                    help="model input size in px (default: the run's dataset, 28 for small-resnet, else 224)")
@@ -63,7 +67,8 @@ def _explain_probe_sample(args) -> int:
     try:
         index = int(token)
     except ValueError:
-        raise ValueError(f"INDEX: expected an integer probe index, got {token!r} (image files need --model WEIGHTS)") from None
+        raise ValueError(f"INDEX: expected an integer probe index, got {token!r} "
+                         "(image files need --model WEIGHTS)") from None
     from i2x.analysis import explain_sample
 
     answer = explain_sample(Path(run_dir), index, top=args.top)

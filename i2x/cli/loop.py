@@ -32,7 +32,8 @@ def register(sub) -> None:
     curate.add_argument("--prototypes", type=int_list, default=None,
                         help="target these prototype ids, e.g. 3,7 (default: the pair's flagged ones)")
     curate.add_argument("--rule-option", dest="rule_options", action="append", type=key_value, default=[],
-                        metavar="KEY=VALUE", help="an option of the target rule (repeatable): kinds=ambivalent,decisive "
+                        metavar="KEY=VALUE",
+                        help="an option of the target rule (repeatable): kinds=ambivalent,decisive "
                         "score=mass|top cam=pair|true top_q=0.2 weight=none|margin|error threshold=otsu|0.3 "
                         "max_fraction=0.5 batch_size=256")
     curate.set_defaults(handler=_curate)
@@ -60,7 +61,7 @@ def _rule_options(pairs: list[tuple[str, str]]) -> dict:
     """``--rule-option KEY=VALUE`` -> find_targets' options, typed by the defaults and checked."""
     from i2x.loop.target_rule import TARGET_DEFAULTS, check_target_options
 
-    options = {}
+    options: dict[str, object] = {}
     for key, value in pairs:
         if key not in TARGET_DEFAULTS:
             raise ValueError(f"--rule-option {key}: unknown option; known: {', '.join(sorted(TARGET_DEFAULTS))}")
@@ -70,14 +71,15 @@ def _rule_options(pairs: list[tuple[str, str]]) -> dict:
                 options[key] = tuple(v.strip() for v in value.split(",") if v.strip())
             elif key == "threshold":
                 options[key] = value if value == "otsu" else float(value)
-            elif isinstance(default, bool) or isinstance(default, str):
+            elif isinstance(default, (bool, str)):
                 options[key] = value
             elif isinstance(default, int):
                 options[key] = int(value)
             else:
                 options[key] = float(value)
         except ValueError:
-            raise ValueError(f"--rule-option {key}={value}: expected {'an integer' if isinstance(default, int) else 'a number'}"
+            raise ValueError(f"--rule-option {key}={value}: "
+                             f"expected {'an integer' if isinstance(default, int) else 'a number'}"
                              + (" or 'otsu'" if key == "threshold" else "")) from None
     try:
         check_target_options(options)

@@ -9,7 +9,8 @@ from i2x.cli.common import COMMON, emit, int_list, positive_int
 
 
 def register(sub) -> None:
-    track = sub.add_parser("track", parents=[COMMON], help="record a folder of saved checkpoints into a run (resumable)")
+    track = sub.add_parser("track", parents=[COMMON],
+                           help="record a folder of saved checkpoints into a run (resumable)")
     track.add_argument("--run", required=True, type=Path, help="the run folder (created, or resumed)")
     track.add_argument("--checkpoints", required=True, type=Path,
                        help="folder of weights files; the step is the last number in each name")

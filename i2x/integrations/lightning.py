@@ -20,6 +20,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +85,7 @@ class TrackerCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Built here, not in __init__: the module is on its device and the process group exists.
         _check_forward(pl_module)
+        steps: dict[str, Any]
         if self.schedule is not None:
             steps = {"schedule": self.schedule}
         else:
@@ -106,6 +108,7 @@ class TrackerCallback(pl.Callback):
         self._step(pl_module, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.tracker is not None  # built in on_fit_start, which Lightning calls first
         with _training_rng_kept(pl_module):
             self.store = self.tracker.finish(trainer.global_step, prototypes=self.prototypes,
                                              save_weights=self.save_weights)
@@ -114,6 +117,7 @@ class TrackerCallback(pl.Callback):
 
     def _step(self, pl_module, step: int) -> None:
         # Only a recording forks the random state; the other steps just tell the Tracker the step.
+        assert self.tracker is not None  # built in on_fit_start, which Lightning calls first
         kept = _training_rng_kept(pl_module) if self.tracker.is_scheduled(step) else contextlib.nullcontext()
         with kept:
             self.tracker.step(step)

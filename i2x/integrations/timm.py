@@ -23,6 +23,8 @@ also work on a model object built elsewhere with the same layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -58,7 +60,7 @@ class ViTTokenGrid:
     """
 
     def __init__(self, model: nn.Module):
-        inner = unwrap_model(model)
+        inner: Any = unwrap_model(model)  # a timm ViT: attributes torch's nn.Module type does not know
         if not _is_vit(inner):
             raise TypeError(
                 f"vit_reshape: {_describe(inner)} is not a timm Vision Transformer (it needs num_prefix_tokens, "
@@ -66,7 +68,8 @@ class ViTTokenGrid:
                 "reshape_for(model)"
             )
         self.num_prefix_tokens = int(inner.num_prefix_tokens)
-        self.static_grid = tuple(int(s) for s in inner.patch_embed.grid_size)
+        grid_h, grid_w = inner.patch_embed.grid_size
+        self.static_grid = (int(grid_h), int(grid_w))
         self.dynamic = bool(getattr(inner, "dynamic_img_size", False))
         self.last_grid: tuple[int, int] | None = None
         self._handle = inner.patch_embed.register_forward_hook(self._record_grid) if self.dynamic else None
@@ -128,7 +131,7 @@ def default_layer(model: nn.Module) -> str:
     """The natural GradCAM target layer of a timm model, as a dotted name (see the module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"default_layer: expected a timm model (nn.Module), got {type(model).__name__}")
-    inner = unwrap_model(model)
+    inner: Any = unwrap_model(model)  # a timm model: attributes torch's nn.Module type does not know
     if _is_vit(inner):
         last = len(inner.blocks) - 1
         if isinstance(getattr(inner.blocks[last], "norm1", None), nn.Module):

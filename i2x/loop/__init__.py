@@ -23,7 +23,7 @@ from i2x.loop.target_rule import TARGET_DEFAULTS, check_target_options, find_tar
 from i2x.loop.targets import NothingToCurate, Targets, known_targets, load_targets
 from i2x.loop.training import evaluate, finetune, train
 
-__all__ = ["Targets", "NothingToCurate", "find_targets", "known_targets", "load_targets", "TARGET_DEFAULTS", "check_target_options",
-           "otsu_threshold", "separability",
+__all__ = ["Targets", "NothingToCurate", "find_targets", "known_targets", "load_targets", "TARGET_DEFAULTS",
+           "check_target_options", "otsu_threshold", "separability",
            "ExplanationPenalty", "train", "finetune", "evaluate", "experiment", "load_results", "ALL_ARMS",
            "DEFAULT_ARMS", "QUICK_ARMS", "PlantedMark", "plant_mark"]

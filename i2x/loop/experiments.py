@@ -124,7 +124,7 @@ def summarize(results: dict) -> dict:
     ``clean`` with the share of the gap recovered). Fills ``results["summary"]`` and returns it."""
     arms = results["arms"]
     done = {arm: {int(s): c for s, c in entry.get("seeds", {}).items()} for arm, entry in arms.items()}
-    summary = {}
+    summary: dict[str, dict] = {}
     for arm, cells in done.items():
         if not cells:
             continue
@@ -133,7 +133,8 @@ def summarize(results: dict) -> dict:
         summary[arm] = {
             "seeds": sorted(cells), "accuracy_mean": statistics.fmean(acc),
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else None,
-            "pair_confusions_mean": statistics.fmean(pc), "pair_confusions_std": statistics.stdev(pc) if len(pc) > 1 else None,
+            "pair_confusions_mean": statistics.fmean(pc),
+            "pair_confusions_std": statistics.stdev(pc) if len(pc) > 1 else None,
             "a_as_b_mean": statistics.fmean(c["a_as_b"] for c in cells.values()),
             "b_as_a_mean": statistics.fmean(c["b_as_a"] for c in cells.values()),
             "comparisons": {},
@@ -199,10 +200,11 @@ def results_markdown(results: dict) -> str:
     na, nb = results.get("pair_names", [str(a), str(b)])
     s = results.get("summary") or summarize(results)
     lines = [f"# Experiment: {na} vs {nb}", "",
-             f"Every arm starts from the run's final weights; {results['config']['epochs_per_stage']} epoch(s) per stage, "
-             f"lr {results['config']['lr']:g}, batch {results['config']['batch_size']}, precision "
-             f"{results['config']['precision']}; test set of {results['config']['test_size']} images; "
-             f"seeds {results['config']['seeds']}. Pair confusions = {na} predicted as {nb} + {nb} predicted as {na}.", ""]
+             "Every arm starts from the run's final weights; "
+             f"{results['config']['epochs_per_stage']} epoch(s) per stage, lr {results['config']['lr']:g}, "
+             f"batch {results['config']['batch_size']}, precision {results['config']['precision']}; "
+             f"test set of {results['config']['test_size']} images; seeds {results['config']['seeds']}. "
+             f"Pair confusions = {na} predicted as {nb} + {nb} predicted as {na}.", ""]
     if results.get("start"):
         st = results["start"]
         lines += [f"The final model before fine-tuning: accuracy {100 * st['accuracy']:.2f}%, pair confusions "
@@ -223,8 +225,11 @@ def results_markdown(results: dict) -> str:
                          f"{e['pair_confusions_mean']:.1f}{pc_sd} | {e['a_as_b_mean']:.1f} | {e['b_as_a_mean']:.1f} |")
         elif results["arms"][arm].get("skipped"):
             lines.append(f"| {arm} | skipped: {results['arms'][arm]['skipped']} | | | | |")
-    lines += ["", "Paired differences (arm - reference) over seeds, mean [95% t-interval]; * = the interval excludes 0.", "",
-              "| arm | reference | pair confusions | relative | accuracy (points) | gap recovered |", "|---|---|---|---|---|---|"]
+    lines += ["",
+              "Paired differences (arm - reference) over seeds, mean [95% t-interval]; * = the interval excludes 0.",
+              "",
+              "| arm | reference | pair confusions | relative | accuracy (points) | gap recovered |",
+              "|---|---|---|---|---|---|"]
     for arm in results["arms"]:
         if arm not in s:
             continue
@@ -290,6 +295,7 @@ class _Arms:
             t, strategy = self.oracle, self.oracle_strategy
         if strategy == "full":
             return _Stage(self.train, self._permuted(seed))
+        assert t is not None  # run_experiment skips the arms that need targets when there are none
         if strategy in ("curated", "random"):
             keep = torch.ones(self.n, dtype=torch.bool)
             drop = t.target_indices if strategy == "curated" else t.indices[t.random_rows(seed)]
@@ -303,7 +309,8 @@ class _Arms:
             return _Stage(t.transplanted(self.train, seed=seed), self._permuted(seed))
         if strategy == "penalized":
             return _Stage(self.train, self._permuted(seed), penalty_targets=t)
-        sampler = {"reweighted": t.sampler, "pairup": t.pairup_sampler, "hard": t.hard_sampler}[strategy](self.train, seed=seed)
+        make_sampler = {"reweighted": t.sampler, "pairup": t.pairup_sampler, "hard": t.hard_sampler}[strategy]
+        sampler = make_sampler(self.train, seed=seed)
         return _Stage(self.train, sampler=sampler)
 
 
@@ -313,7 +320,8 @@ def _check_pair_dataset(targets: Targets | None, train, test, m: int) -> None:
             raise ValueError(f"{name} is empty")
         labels = labels_of(ds)
         if int(labels.max()) >= m or int(labels.min()) < 0:
-            raise ValueError(f"{name}: labels in [{int(labels.min())}, {int(labels.max())}] but the run has {m} classes")
+            raise ValueError(f"{name}: labels in [{int(labels.min())}, {int(labels.max())}] "
+                             f"but the run has {m} classes")
     if targets is not None:
         targets.check_dataset(train)
 
@@ -428,21 +436,24 @@ def experiment(
     clean_builder = _Arms(clean[1], None, None, oracle_strategy, perturb_mode) if clean else None
     work = copy.deepcopy(unwrap_model(model))
     say = log or (lambda line: None)
-    recipe = dict(epochs_per_stage=epochs_per_stage, lr=lr, batch_size=batch_size, precision=precision, device=device,
-                  progress=progress, penalty_weight=penalty_weight, layer=store.manifest["model"]["layer"],
-                  method=store.manifest["model"].get("method", "gradcam"))
+    recipe = {"epochs_per_stage": epochs_per_stage, "lr": lr, "batch_size": batch_size, "precision": precision,
+              "device": device, "progress": progress, "penalty_weight": penalty_weight,
+              "layer": store.manifest["model"]["layer"], "method": store.manifest["model"].get("method", "gradcam")}
     for seed in seeds:
         prefixes: dict[tuple, dict] = {}  # stage prefix -> weights after it, this seed only
         for arm in arms:
             entry = results["arms"][arm]
             if entry.get("skipped") or str(seed) in entry["seeds"]:
                 continue
-            is_clean = arm == "clean"
             began = time.perf_counter()
+            tag: tuple[str, ...]  # the clean arm's prefixes are its own
+            if arm == "clean":
+                assert clean is not None and clean_builder is not None  # checked on entry: the arm needs clean=
+                weights, arms_data, tag = clean[0], clean_builder, ("clean",)
+            else:
+                weights, arms_data, tag = start, builder, ()
             try:
-                fit_stats = _train_stages(work, arm_stages(arm), clean[0] if is_clean else start,
-                                          clean_builder if is_clean else builder, seed, prefixes,
-                                          ("clean",) if is_clean else (), recipe)
+                fit_stats = _train_stages(work, arm_stages(arm), weights, arms_data, seed, prefixes, tag, recipe)
             except NothingToCurate as e:  # e.g. no sample of the other class left to transplant into
                 entry["skipped"] = str(e)
                 _write(folder, results)

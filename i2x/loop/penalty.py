@@ -66,6 +66,7 @@ class ExplanationPenalty(nn.Module):
         cam = ops.cam(at_least_float32(a), at_least_float32(g), self.explainer.method, relu=True)
         mask = self.masks[rows[hit]].to(device)
         if tuple(mask.shape[1:]) != tuple(cam.shape[1:]):
-            raise ValueError(f"ExplanationPenalty: the targets' cells are {tuple(mask.shape[1:])} but the layer's grid is "
-                             f"{tuple(cam.shape[1:])}: the explainer's layer is not the one the targets were found at")
+            raise ValueError(f"ExplanationPenalty: the targets' cells are {tuple(mask.shape[1:])} but the layer's "
+                             f"grid is {tuple(cam.shape[1:])}: the explainer's layer is not the one the targets "
+                             "were found at")
         return self.weight * mass_share(cam, mask).mean()

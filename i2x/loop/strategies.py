@@ -66,7 +66,7 @@ class _Batched:
 
     def __getitems__(self, positions):
         x, y = self.i2x_batch(torch.as_tensor(positions, dtype=torch.int64))
-        return list(zip(x, y))
+        return list(zip(x, y, strict=True))
 
 
 class BatchedSubset(_Batched, Subset):
@@ -232,7 +232,8 @@ class OversampleSampler(Sampler[int]):
             extra = self.pool[torch.randint(self.pool.numel(), (self.extra,), generator=g)]
         else:
             reps = -(-self.extra // self.pool.numel())
-            extra = torch.cat([self.pool[torch.randperm(self.pool.numel(), generator=g)] for _ in range(reps)])[:self.extra]
+            rounds = [self.pool[torch.randperm(self.pool.numel(), generator=g)] for _ in range(reps)]
+            extra = torch.cat(rounds)[:self.extra]
         total = self.n + self.extra
         slots = torch.zeros(total, dtype=torch.bool)
         slots[torch.randperm(total, generator=g)[:self.extra]] = True

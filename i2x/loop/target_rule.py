@@ -290,7 +290,8 @@ def _calibration_images(store: RunStore, dataset, reading: dict, labels: torch.T
     if not bool((labels[chosen] == expected).all()):
         split = store.manifest.get("dataset", {}).get("split")
         raise ValueError(f"the dataset's labels at the run's probe positions differ from the probe's (the probe came "
-                         f"from the {split or 'unknown'} split); pass the dataset the probe was drawn from as probe_dataset=")
+                         f"from the {split or 'unknown'} split); pass the dataset the probe was drawn from as "
+                         "probe_dataset=")
     return images_at(dataset, chosen, **reading)
 
 

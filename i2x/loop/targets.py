@@ -203,7 +203,8 @@ class Targets:
             donors.append(d_rows)
             recipients.append(pool[:d_rows.numel()])
         if not donors:
-            raise NothingToCurate(f"transplant for pair {self.pair}: no targets, or no non-target samples to paste into")
+            raise NothingToCurate(f"transplant for pair {self.pair}: no targets, "
+                                  "or no non-target samples to paste into")
         d_rows, r_rows = torch.cat(donors), torch.cat(recipients)
         return TransplantedDataset(dataset, self.indices[d_rows], self.indices[r_rows], self.masks_for(d_rows, dilate))
 

@@ -162,7 +162,8 @@ def fit(
     if isinstance(data, DataLoader) and (sampler is not None or order is not None):
         raise ValueError("data is a DataLoader: give the sampler to the DataLoader, not to finetune")
     if penalty is not None and isinstance(data, DataLoader):
-        raise ValueError("the explanation penalty needs each batch's dataset positions: pass the Dataset, not a DataLoader")
+        raise ValueError("the explanation penalty needs each batch's dataset positions: "
+                         "pass the Dataset, not a DataLoader")
     if len(data) == 0:
         raise ValueError("data: the dataset is empty")
     module = unwrap_model(model)
@@ -215,8 +216,8 @@ def fit(
                     _check_labels(y, logits)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {float(loss.detach())} at step {step + 1}: lower the "
-                                             "learning rate or check the data for NaN")
+                    raise FloatingPointError(f"the training loss became {float(loss.detach())} at step {step + 1}: "
+                                             "lower the learning rate or check the data for NaN")
                 total_loss = loss
                 if penalty is not None:
                     pen = penalty(captured, logits, y, _dataset_positions(data, positions))

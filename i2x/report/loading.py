@@ -8,21 +8,18 @@ import html
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from i2x._internal.hashing import tensor_digest
 from i2x.analysis import load_analysis
 from i2x.analysis.run_analysis import Analysis
+from i2x.data import ImageDataset
 from i2x.loop.experiments import load_results
 from i2x.loop.targets import NothingToCurate, Targets, load_targets
 from i2x.report.numbers import image_size, run_probs
 from i2x.store import RunStore, RunStoreError
 from i2x.track.prototypes import Prototypes, read_prototypes
-
-if TYPE_CHECKING:  # i2x.data loads torchvision: imported where a dataset is loaded
-    from i2x.data import ImageDataset
 
 __all__ = ["LoadedRun", "load_run", "one_line"]
 

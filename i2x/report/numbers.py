@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from i2x._internal.modules import layer_output_shape
-from i2x.models import rebuild_model
 from i2x.analysis import readings
 from i2x.analysis.readings import assignment_counts, class_presence
+from i2x.models import rebuild_model
 from i2x.store import RunStore, RunStoreError, open_run
 from i2x.track.prototypes import read_prototypes
 
@@ -71,7 +71,7 @@ def exemplar_patches_at(exemplars: torch.Tensor, probe_indices: torch.Tensor, im
         if sample < 0:  # padding of a prototype with fewer positions than exemplars
             continue
         index = int(probe_indices[sample])
-        top, left, height, width = patch_box(row, col, grid, tuple(images.shape[-2:]), context)
+        top, left, height, width = patch_box(row, col, grid, (images.shape[-2], images.shape[-1]), context)
         out.append({"sample": sample, "dataset_index": index, "row": row, "col": col,
                     "box": (top, left, height, width),
                     "patch": images[index][:, top:top + height, left:left + width]})
@@ -118,4 +118,4 @@ def image_size(run) -> int | None:
 def _grid_at(spec: dict, layer: str, size: int) -> tuple[int, int] | None:
     model, _ = rebuild_model(spec)
     shape = layer_output_shape(model, layer, torch.zeros(1, int(spec.get("in_channels", 1)), size, size))
-    return tuple(shape[-2:]) if len(shape) == 4 else None
+    return (shape[-2], shape[-1]) if len(shape) == 4 else None

@@ -1,4 +1,5 @@
-"""Post hoc tracking: a folder of saved checkpoints recorded into a run, oldest first."""
+"""Post hoc tracking (a folder of saved checkpoints recorded into a run, oldest first), and the
+run's final model rebuilt with its weights."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ __all__ = ["CHECKPOINT_SUFFIXES", "find_checkpoints", "load_weights", "track_che
            "check_run_grid"]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
-
-
 
 _NUMBER = re.compile(r"(\d+)")
 
