@@ -59,7 +59,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from i2x._internal.checks import describe
+from i2x._internal.checks import check_int, describe
 
 __all__ = [
     "load_recorded_dataset",
@@ -276,8 +276,8 @@ def load_dataset(
         raise ValueError(f"name: expected one of {sorted(DATASET_INFO)}, got {name!r}")
     if not isinstance(train, bool):
         raise TypeError(f"train: expected a bool, got {type(train).__name__}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0):
-        raise ValueError(f"size: expected a positive int or None, got {size!r}")
+    if size is not None:
+        check_int(size, "size")
     if name != "digits" and (test_fraction is not None or split_seed is not None):
         raise ValueError(f"test_fraction/split_seed: only used for 'digits' (its split is made here), not {name!r}")
     split = "train" if train else "test"
@@ -304,8 +304,7 @@ def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> t
     not smaller), and the record that lets :func:`load_recorded_dataset` rebuild exactly it."""
     if size is None or size >= len(dataset):
         return dataset, {}
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < dataset.num_classes:
-        raise ValueError(f"size: expected an int >= the {dataset.num_classes} classes, got {size!r}")
+    check_int(size, "size (one image per class at least)", dataset.num_classes)
     return dataset.subset(stratified_subset(dataset.labels, int(size), seed=seed)), {
         "subset": {"size": int(size), "seed": int(seed)}}
 
@@ -627,12 +626,8 @@ def stratified_subset(labels, n: int, seed: int = 0) -> torch.Tensor:
     Returns an int64 tensor ``[n]`` of indices, sorted ascending; the same for the same seed.
     """
     labels = _as_label_tensor(labels)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"n: expected an int, got {type(n).__name__}")
-    if n <= 0:
-        raise ValueError(f"n: expected a positive number of samples, got {n}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    n = check_int(n, "n")
+    seed = check_int(seed, "seed", None)
     total = labels.shape[0]
     if total == 0:
         raise ValueError("labels: expected at least one label, got an empty tensor")
@@ -677,10 +672,8 @@ def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, 
     For an :class:`ImageDataset` each batch is fetched with one indexing operation and is the tuple
     ``(images [B, C, H, W], labels [B])``; any other dataset goes through the default collate.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    batch_size = check_int(batch_size, "batch_size")
+    seed = check_int(seed, "seed", None)
     gen = torch.Generator().manual_seed(int(seed))
     if not isinstance(dataset, ImageDataset):
         return DataLoader(dataset, batch_size=int(batch_size), shuffle=bool(shuffle), generator=gen,

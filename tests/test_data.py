@@ -571,7 +571,7 @@ def test_stratified_subset_all_and_errors():
     assert torch.equal(stratified_subset(labels, 100), torch.arange(4))
     with pytest.raises(ValueError, match="n: expected a positive"):
         stratified_subset(labels, 0)
-    with pytest.raises(TypeError, match="n: expected an int"):
+    with pytest.raises(TypeError, match="n: expected a positive int"):
         stratified_subset(labels, 2.0)
     with pytest.raises(TypeError, match="labels: expected integer"):
         stratified_subset(labels.float(), 2)

@@ -78,14 +78,14 @@ def test_log_schedule_values():
     assert gaps == sorted(gaps)  # denser early
 
 
-@pytest.mark.parametrize("args, match", [
-    ((0,), "planned_steps: expected a positive int"),
-    ((10, 0), "n_checkpoints: expected a positive int"),
-    ((10, 3, 11), r"first_step: expected an int in \[1, planned_steps=10\]"),
-    ((2.5,), "planned_steps: expected a positive int"),
+@pytest.mark.parametrize("args, error, match", [
+    ((0,), ValueError, "planned_steps: expected a positive int"),
+    ((10, 0), ValueError, "n_checkpoints: expected a positive int"),
+    ((10, 3, 11), ValueError, r"first_step: expected an int in \[1, planned_steps=10\]"),
+    ((2.5,), TypeError, "planned_steps: expected a positive int"),
 ])
-def test_log_schedule_errors(args, match):
-    with pytest.raises(ValueError, match=match):
+def test_log_schedule_errors(args, error, match):
+    with pytest.raises(error, match=match):
         log_schedule(*args)
 
 
@@ -162,7 +162,7 @@ def test_recalibrated_batchnorm_records_and_restores(tmp_path):
         if k in buffers:
             assert torch.equal(v, buffers[k]), k
     assert model.features[1].momentum == 0.1 and model.training
-    with pytest.raises(ValueError, match="recalibrate_bn: expected None or a non-negative int"):
+    with pytest.raises(ValueError, match="recalibrate_bn: expected an int >= 0"):
         Tracker(model, LAYER, probe, tmp_path / "r2", schedule=[1], recalibrate_bn=-3)
 
 

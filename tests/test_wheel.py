@@ -240,7 +240,8 @@ def test_sdist_holds_the_sources_and_marks_its_torch_requirement_dynamic(sdist):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
         pkg_info = tf.extractfile(next(m for m in tf.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
     for needed in ("CMakeLists.txt", "pyproject.toml", "build_support/torch_pin.py", "csrc/i2x.cpp",
-                   "csrc/cuda/cam_kernel.cu", "i2x/_build_config.py.in", "i2x/cam.py", "i2x/cli/__init__.py"):
+                   "csrc/cuda/cam_kernel.cu", "i2x/_build_config.py.in", "i2x/explain/explainer.py", "i2x/_internal/checks.py",
+                   "i2x/cli/__init__.py"):
         assert needed in names, needed
     leaked = [n for n in names if n.startswith((".venv/", "build/")) or re.search(r"_C\..*\.so$", n)
               or n == "i2x/_build_config.py"]

@@ -26,15 +26,13 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from i2x._internal.checks import check_int
+from i2x._internal.checks import check_int, check_number
 from i2x.reference import upsample_normalize as _upsample_normalize
 
 __all__ = [
@@ -375,12 +373,9 @@ def _baseline(images, baseline, kernel_size, sigma, fname) -> torch.Tensor:
 
 def _gaussian_blur(images, kernel_size, sigma, fname) -> torch.Tensor:
     """Separable Gaussian blur as two depthwise conv2d passes, replicate padding (any image size)."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 \
-            or kernel_size % 2 == 0:
-        raise ValueError(f"{fname}: blur_kernel_size must be a positive odd int, got {kernel_size!r}")
-    if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
-            or not (math.isfinite(sigma) and float(sigma) > 0)):
-        raise ValueError(f"{fname}: blur_sigma must be a finite number > 0, got {sigma!r}")
+    if check_int(kernel_size, f"{fname}: blur_kernel_size") % 2 == 0:
+        raise ValueError(f"{fname}: blur_kernel_size: expected a positive odd int, got {kernel_size!r}")
+    check_number(sigma, f"{fname}: blur_sigma", 0, low_open=True)
     kernel_size = int(kernel_size)
     C = images.shape[1]
     compute = _prob_dtype(images.dtype)  # conv2d has no half kernels on every CPU build

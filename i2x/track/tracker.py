@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from i2x._internal import progress as _progress
-from i2x._internal.checks import describe
+from i2x._internal.checks import check_int, describe
 from i2x._internal.modules import eval_mode, run_device, unwrap_model
 from i2x._internal.profiling import profiled
 from i2x.data import stratified_subset
@@ -193,12 +193,10 @@ def log_schedule(
     model has barely moved, and two checkpoints there would only record noise.
     Where rounding makes early steps collide, the next free steps are taken instead.
     """
-    if isinstance(planned_steps, bool) or not isinstance(planned_steps, int) or planned_steps < 1:
-        raise ValueError(f"planned_steps: expected a positive int, got {planned_steps!r}")
-    if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, int) or n_checkpoints < 1:
-        raise ValueError(f"n_checkpoints: expected a positive int, got {n_checkpoints!r}")
-    first = max(1, planned_steps // 100) if first_step is None else first_step
-    if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= planned_steps:
+    planned_steps = check_int(planned_steps, "planned_steps")
+    n_checkpoints = check_int(n_checkpoints, "n_checkpoints")
+    first = max(1, planned_steps // 100) if first_step is None else check_int(first_step, "first_step")
+    if not 1 <= first <= planned_steps:
         raise ValueError(f"first_step: expected an int in [1, planned_steps={planned_steps}], got {first_step!r}")
     n = min(n_checkpoints, planned_steps - first + 1)
     if n == 1:
@@ -375,8 +373,7 @@ class Tracker:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        check_int(batch_size, "batch_size")
         if schedule is None:
             if planned_steps is None:
                 raise ValueError("give planned_steps (the loop's total steps) for the default log-spaced "
@@ -406,9 +403,8 @@ class Tracker:
         spec = getattr(self.module, "i2x_spec", None)  # set by i2x.build_model: how to rebuild it
         if isinstance(spec, dict):
             model_info["build"] = dict(spec)
-        if recalibrate_bn is not None and (isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int)
-                                           or recalibrate_bn < 0):
-            raise ValueError(f"recalibrate_bn: expected None or a non-negative int, got {recalibrate_bn!r}")
+        if recalibrate_bn is not None:
+            check_int(recalibrate_bn, "recalibrate_bn", 0)
         self.calibration = self._calibration_images(recalibrate_bn or 0)
         options = {"batch_size": batch_size, "method": method, "world_size": self.world,
                    "recalibrate_bn": int(self.calibration.shape[0]) if self.calibration is not None else 0}
