@@ -58,18 +58,22 @@ def kernel_rows(args, baseline: Path | None) -> dict[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, required=True, help="folder holding the baseline build of i2x")
+    parser.add_argument("--current", type=Path, default=None,
+                        help="folder holding the build to compare (default: the i2x installed in this environment)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--no-kernels", action="store_true")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
+    parser.add_argument("--no-bench", action="store_true", help="skip i2x bench")
     args = parser.parse_args(argv)
-    if not (args.baseline / "i2x" / "__init__.py").exists():
-        parser.error(f"--baseline {args.baseline}: no i2x package in it")
+    for flag, folder in (("--baseline", args.baseline), ("--current", args.current)):
+        if folder is not None and not (folder / "i2x" / "__init__.py").exists():
+            parser.error(f"{flag} {folder}: no i2x package in it")
     results: dict[str, dict[str, list[float]]] = {"baseline": {}, "current": {}}
     for rnd in range(args.rounds):
-        for name, where in (("baseline", args.baseline), ("current", None)):
-            rows = bench_rows(args, where)
+        for name, where in (("baseline", args.baseline), ("current", args.current)):
+            rows = {} if args.no_bench else bench_rows(args, where)
             if not args.no_kernels:
                 rows |= kernel_rows(args, where)
             for key, value in rows.items():
