@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 
 import torch
 
-__all__ = ["describe", "check_int", "check_number", "check_fraction", "check_positive_number"]
+__all__ = ["describe", "check_int", "check_number", "check_fraction", "check_positive_number", "check_plain_name"]
 
 
 def describe(x) -> str:
@@ -71,3 +72,13 @@ def check_fraction(value, name: str) -> float:
 def check_positive_number(value, name: str) -> float:
     """``value`` as a finite float > 0."""
     return check_number(value, name, 0, low_open=True)
+
+
+def check_plain_name(value, name: str) -> str:
+    """``value`` as a name for a folder inside a run: letters, digits, '_' and '-' only, so that it
+    can never name a path outside the run (no '/', no '..', not absolute)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a plain name (letters, digits, '_', '-'), got {describe(value)}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise ValueError(f"{name}: expected a plain name (letters, digits, '_', '-'), got {value!r}")
+    return value

@@ -26,16 +26,20 @@ from typing import Any
 import torch
 
 from i2x._internal import progress as _progress
+from i2x._internal.checks import check_int
+from i2x._internal.modules import layer_output_shape
 from i2x._internal.weights import load_state_into
 from i2x.analysis import analyze
 from i2x.data import load_dataset, training_subset
 from i2x.loop import ALL_ARMS, NothingToCurate, experiment, find_targets
+from i2x.loop.experiments import check_arms
 from i2x.loop.training import TRAIN_LR, calibration_images, evaluate
 from i2x.loop.training import train as train_model
 from i2x.models import build_model
 from i2x.report import write_report
 from i2x.store import RunStore
 from i2x.track import Probe, Tracker
+from i2x.track.prototypes import MAX_FIT_POSITIONS
 
 __all__ = ["DemoPlan", "DEMO_PLANS", "default_data", "train_run", "demo", "summary_lines"]
 
@@ -93,6 +97,17 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
+def _check_prototype_count(net, layer: str, train, probe_size: int, n_prototypes: int) -> None:
+    """k-means needs at least ``n_prototypes`` probe positions (probe images x the layer's grid)."""
+    check_int(n_prototypes, "n_prototypes")
+    h, w = layer_output_shape(net, layer, train.images[:1])[-2:]
+    probe = min(probe_size, len(train))
+    positions = min(probe * h * w, MAX_FIT_POSITIONS)
+    if n_prototypes > positions:
+        raise ValueError(f"n_prototypes: {n_prototypes} is more than the {positions} probe positions the prototypes "
+                         f"are fitted on ({probe} probe images x a {h}x{w} grid at {layer}); use at most {positions}")
+
+
 def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epochs: int = 4, probe_size: int = 2_000,
               n_prototypes: int = 16, lr: float | None = None, batch_size: int = 128, seed: int = 0,
               dataset_record: dict | None = None, device=None, precision: str = "auto"):
@@ -108,6 +123,7 @@ def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epoch
     torch.manual_seed(seed)
     options = {"widths": tuple(widths)} if widths else {}
     net, layer = build_model(model, train.num_classes, in_channels=train.image_shape[0], **options)
+    _check_prototype_count(net, layer, train, probe_size, n_prototypes)  # before any training, not after it
     if device is not None:
         net = net.to(torch.device(device))
     probe = Probe.from_dataset(train, size=min(probe_size, len(train)), seed=0)
@@ -150,6 +166,11 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     overrides: dict[str, Any] = {"arms": tuple(arms) if arms else None, "seeds": seeds, "train_size": train_size,
                                  "epochs": epochs}
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    # Every option is checked before minutes of training: the demo has no clean model and no known regions.
+    try:
+        check_arms(plan.arms)
+    except ValueError as e:
+        raise ValueError(f"arms: {e}; the demo runs arms such as {', '.join(DEMO_PLANS['default'].arms)}") from None
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 

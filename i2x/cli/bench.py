@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from i2x.cli.common import COMMON, non_negative_int, positive_int
+from i2x.cli.common import COMMON, device_name, non_negative_int, positive_int
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
                    help="a torchvision classification model name (default resnet18) or module:factory")
     p.add_argument("--batch", type=positive_int, default=8, help="images per call (default 8)")
     p.add_argument("--size", type=positive_int, default=224, help="image size in px (default 224)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--dtype", default="float32",
                    help="float32, bfloat16 or float16 (CUDA only): the autocast compute dtype (default float32)")
     p.add_argument("--layer", default=None, help="the explained layer (default: layer4 of a ResNet, else the last "

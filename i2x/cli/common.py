@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from pathlib import Path
 
 # Every subcommand takes these (argparse ``parents=[COMMON]``).
@@ -51,6 +53,53 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "a non-negative integer")
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A number, refused at parse time when it is NaN or infinite (JSON records cannot hold them)."""
+    return _finite_float(text)
+
+
+def positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# torch's device strings, checked without importing torch (``i2x --help`` and bad options stay torch-free).
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
+
+
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``xpu[:N]``; anything else is refused at parse time."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, mps or xpu[:N], got {text!r}")
+    return text
+
+
+def plain_name(text: str) -> str:
+    """A folder name inside the run: letters, digits, '_' and '-' only (no path, no '..')."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"expected a plain name (letters, digits, '_', '-'), got {text!r}")
+    return text
+
+
 def key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -66,7 +115,7 @@ def add_model_data_options(p: argparse.ArgumentParser) -> None:
                    help="resize the images to SIZE px, as the run's model was trained (default: the dataset's size)")
     p.add_argument("--weights", type=Path, default=None,
                    help="the final weights (safetensors or a torch file; default: the run's weights.safetensors)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
 def open_run(path: Path):

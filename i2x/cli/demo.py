@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from i2x.cli.common import COMMON, emit, int_list, positive_int
+from i2x.cli.common import COMMON, device_name, emit, int_list, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def register(sub) -> None:
     demo.add_argument("--seeds", type=positive_int, default=None, help="seeds instead of the plan's")
     demo.add_argument("--train-size", type=positive_int, default=None, help="training images (a stratified subset)")
     demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs")
-    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    demo.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     demo.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                       help="the training loop's precision (auto: bfloat16 autocast where the CPU has it)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
@@ -49,11 +49,11 @@ def register(sub) -> None:
                        help="train on a stratified subset of this many images (recorded in the run)")
     train.add_argument("--probe-size", type=positive_int, default=2_000)
     train.add_argument("--n-prototypes", type=positive_int, default=16)
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default 0.05, cosine decay)")
+    train.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 0.05, cosine decay)")
     train.add_argument("--batch-size", type=positive_int, default=128)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    train.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     train.set_defaults(handler=_train)
 
 
@@ -81,6 +81,9 @@ def _train(args) -> int:
     from i2x.loop.training import calibration_images, evaluate
 
     full = load_dataset(args.data, root=args.data_root, train=True, size=args.size)
+    if args.train_size is not None and args.train_size > len(full):
+        raise ValueError(f"--train-size: {args.train_size} is more than the {len(full)} training images of "
+                         f"{args.data}")
     train, record = training_subset(full, args.train_size, seed=0)
     if args.size is not None:
         record["size"] = args.size

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from i2x.cli.common import COMMON, positive_int
+from i2x.cli.common import COMMON, device_name, positive_int
 
 # Options of the second form only: given without --model they are a mistake, not ignored.
 _FILE_OPTIONS = ("arch", "run_dir", "layer", "out", "size", "device", "method")
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--top", type=positive_int, default=5, help="top positions (RUN INDEX) / top classes (default 5)")
     p.add_argument("--size", type=positive_int, default=None,
                    help="model input size in px (default: the run's dataset, 28 for small-resnet, else 224)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--method", default=None, help="gradcam (default), gradcam++, xgradcam, layercam, hirescam")
     p.set_defaults(handler=run)
 

@@ -14,7 +14,10 @@ from i2x.cli.common import (
     class_label,
     int_list,
     key_value,
+    non_negative_float,
     open_run,
+    plain_name,
+    positive_float,
     positive_int,
     run_data,
     run_model,
@@ -48,12 +51,13 @@ def register(sub) -> None:
                           "(default all)")
     exp.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default 5)")
     exp.add_argument("--epochs-per-stage", type=positive_int, default=1)
-    exp.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.1 x 0.05)")
+    exp.add_argument("--lr", type=positive_float, default=None, help="fine-tuning learning rate (default 0.1 x 0.05)")
     exp.add_argument("--batch-size", type=positive_int, default=128)
     exp.add_argument("--perturb-mode", choices=["fill", "blur", "noise"], default="fill")
-    exp.add_argument("--penalty-weight", type=float, default=1.0)
+    exp.add_argument("--penalty-weight", type=non_negative_float, default=1.0)
     exp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    exp.add_argument("--name", default="experiment", help="the experiment's folder in the run (default experiment)")
+    exp.add_argument("--name", type=plain_name, default="experiment",
+                     help="the experiment's folder in the run: letters, digits, '_', '-' (default experiment)")
     exp.set_defaults(handler=_experiment)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from i2x.cli.common import COMMON, emit, int_list, positive_int
+from i2x.cli.common import COMMON, device_name, emit, finite_float, int_list, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -26,7 +26,7 @@ def register(sub) -> None:
     track.add_argument("--method", default="gradcam")
     track.add_argument("--recalibrate-bn", type=int, default=512,
                        help="probe images for BatchNorm recalibration before each record (0: off)")
-    track.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    track.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     track.add_argument("--no-prototypes", action="store_true", help="skip prototype discovery")
     track.add_argument("--n-prototypes", type=positive_int, default=32)
     track.add_argument("--pca-dim", type=positive_int, default=64)
@@ -36,15 +36,15 @@ def register(sub) -> None:
     analyze = sub.add_parser("analyze", parents=[COMMON],
                              help="stages 3-8: beta^t, groups, timeline, uncertain prototypes")
     analyze.add_argument("run", type=Path)
-    analyze.add_argument("--ridge-lambda", type=float)
+    analyze.add_argument("--ridge-lambda", type=positive_float)
     analyze.add_argument("--n-pairs", type=int)
     analyze.add_argument("--score", dest="uncertainty_score", help="swing, sign_changes or cancellation")
     analyze.add_argument("--regression", dest="uncertainty_regression", help="pair, pooled or class_a")
     analyze.add_argument("--presence", dest="uncertainty_presence", help="both_classes or pair_share")
-    analyze.add_argument("--min-presence", type=float)
-    analyze.add_argument("--flag-fraction", type=float)
-    analyze.add_argument("--shared-presence", type=float)
-    analyze.add_argument("--separation-threshold", type=float)
+    analyze.add_argument("--min-presence", type=finite_float)
+    analyze.add_argument("--flag-fraction", type=finite_float)
+    analyze.add_argument("--shared-presence", type=finite_float)
+    analyze.add_argument("--separation-threshold", type=finite_float)
     analyze.set_defaults(handler=_analyze)
 
     info = sub.add_parser("info", parents=[COMMON], help="what a run folder holds (without RUN: this i2x build)")

@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from i2x._internal.checks import describe
+from i2x._internal.checks import check_plain_name, describe
 from i2x._internal.hashing import state_digest, tensor_digest
 from i2x._internal.modules import unwrap_model
 from i2x.data import labels_of
 from i2x.explain.explainer import Explainer
 from i2x.loop.penalty import ExplanationPenalty
 from i2x.loop.strategies import PERTURB_MODES, epoch_permutation
-from i2x.loop.targets import NothingToCurate, Targets
+from i2x.loop.targets import NothingToCurate, Targets, load_targets
 from i2x.loop.training import (
     FINETUNE_LR_FACTOR,
     TRAIN_LR,
@@ -50,9 +50,8 @@ from i2x.loop.training import (
 )
 from i2x.store import RunStore, atomic_write_bytes, atomic_write_json, open_run, read_record
 
-__all__ = [
-    "arm_stages", "STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS", "QUICK_ARMS", "experiment", "paired_interval", "summarize",
-           "load_results"]
+__all__ = ["arm_stages", "check_arms", "STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS", "QUICK_ARMS", "experiment",
+           "paired_interval", "summarize", "load_results"]
 
 STRATEGIES = ("full", "curated", "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
               "oracle")
@@ -77,6 +76,21 @@ def arm_stages(arm: str) -> tuple[str, ...]:
         raise ValueError(f"arm {arm!r}: expected 1-3 stages joined by '->' from {list(STRATEGIES)} (or 'clean'), "
                          f"got unknown {bad}")
     return stages
+
+
+def check_arms(arms, *, clean: bool = False, oracle: bool = False) -> list[str]:
+    """``arms`` without repeats, each checked (:func:`arm_stages`); ``clean`` and the oracle arms
+    only when the experiment has a clean model / known regions for them. Called before any work."""
+    if isinstance(arms, str) or not arms:
+        raise ValueError(f"arms: expected a non-empty list of arm names, got {arms!r}")
+    arms = list(dict.fromkeys(arms))
+    for arm in arms:
+        arm_stages(arm)
+    if "clean" in arms and not clean:
+        raise ValueError("arm 'clean' needs clean=(state_dict, clean_train_dataset)")
+    if any("oracle" in arm_stages(a) for a in arms) and not oracle:
+        raise ValueError("oracle arms need oracle=Targets of the known regions")
+    return arms
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,6 +257,7 @@ def results_markdown(results: dict) -> str:
 
 def load_results(run, name: str = "experiment") -> dict:
     """``RUN/<name>/results.json``."""
+    name = check_plain_name(name, "name")
     store = open_run(run)
     path = store.path / name / "results.json"
     if not path.exists():
@@ -367,8 +382,7 @@ def experiment(
     Arms that need targets are skipped, with the reason in the results, when the run has none to
     curate (no flagged prototype). Returns the results dict (also on disk).
     """
-    from i2x.loop.targets import load_targets
-
+    name = check_plain_name(name, "name")  # a folder of the run, never a path outside it
     store = open_run(run)
     store.lock_for_writing()  # results.json is written beside the store's own files
     if not isinstance(model, nn.Module):
@@ -376,17 +390,11 @@ def experiment(
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected a positive count or distinct seeds, got {seeds!r}")
-    arms = list(dict.fromkeys(arms))
-    for arm in arms:
-        arm_stages(arm)
+    arms = check_arms(arms, clean=clean is not None, oracle=oracle is not None)
     if perturb_mode not in PERTURB_MODES:
         raise ValueError(f"perturb_mode: expected one of {list(PERTURB_MODES)}, got {perturb_mode!r}")
     if oracle_strategy not in STRATEGIES or oracle_strategy in ("oracle", "full"):
         raise ValueError(f"oracle_strategy: expected a strategy that uses targets, got {oracle_strategy!r}")
-    if "clean" in arms and clean is None:
-        raise ValueError("arm 'clean' needs clean=(state_dict, clean_train_dataset)")
-    if any("oracle" in arm_stages(a) for a in arms) and oracle is None:
-        raise ValueError("oracle arms need oracle=Targets of the known regions")
     lr = FINETUNE_LR_FACTOR * float(train_lr) if lr is None else float(lr)
     skip_reason = None
     if targets is None:

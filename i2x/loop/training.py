@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from i2x._internal.checks import check_int, check_number, describe
 from i2x._internal.modules import checked_forward, eval_mode, run_device, unwrap_model
+from i2x._internal.progress import bar as progress_bar
 from i2x.data import batch_of, labels_of
 from i2x.loop.penalty import ExplanationPenalty
 from i2x.loop.strategies import epoch_permutation
@@ -188,7 +189,6 @@ def fit(
     sched = None
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    from i2x._internal.progress import bar as progress_bar
 
     bar = progress_bar(total=total, desc=desc, unit="step", enabled=progress)
     converted = cl and _to_channels_last(model)

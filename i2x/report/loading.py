@@ -14,7 +14,7 @@ import torch
 from i2x._internal.hashing import tensor_digest
 from i2x.analysis import load_analysis
 from i2x.analysis.run_analysis import Analysis
-from i2x.data import ImageDataset
+from i2x.data import DATASET_INFO, ImageDataset, check_dataset_for_run, dataset_for_run
 from i2x.loop.experiments import load_results
 from i2x.loop.targets import NothingToCurate, Targets, load_targets
 from i2x.report.numbers import image_size, run_probs
@@ -34,8 +34,6 @@ def one_line(message, limit: int = _MAX_NOTE) -> str:
 
 def load_run_dataset(store: RunStore, data_root) -> tuple[ImageDataset | None, str | None]:
     """``(dataset, None)``, or ``(None, why)`` as the one line the image panels show instead."""
-    from i2x.data import DATASET_INFO, dataset_for_run
-
     recorded = store.manifest["dataset"]
     name = recorded.get("name")
     if name not in DATASET_INFO:
@@ -116,8 +114,6 @@ def load_run(store: RunStore, label: str, dataset, data_root, experiment: str) -
     with contextlib.suppress(FileNotFoundError):
         r.results = load_results(store, experiment)
     if dataset is not None:
-        from i2x.data import check_dataset_for_run
-
         check_dataset_for_run(store, dataset)
         r.data = dataset
     elif r.protos is not None or r.targets is not None:

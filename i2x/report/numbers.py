@@ -8,6 +8,7 @@ import torch
 from i2x._internal.modules import layer_output_shape
 from i2x.analysis import readings
 from i2x.analysis.readings import assignment_counts, class_presence
+from i2x.data import DATASET_INFO
 from i2x.models import rebuild_model
 from i2x.store import RunStore, RunStoreError, open_run
 from i2x.track.prototypes import read_prototypes
@@ -94,8 +95,6 @@ def image_size(run) -> int | None:
     """The side length the run's images had (None: the dataset's default). Known from the targets
     (they store the training images' size); otherwise the one whose grid at the run's layer, in
     the run's architecture (rebuilt from the manifest, weights not needed), is the run's grid."""
-    from i2x.data import DATASET_INFO
-
     store = open_run(run)
     if (store.path / "targets.json").exists():
         hw = (store.read_json("targets") or {}).get("image_hw")

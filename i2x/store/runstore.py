@@ -266,6 +266,20 @@ class RunStore:
 
         self._update_manifest(add)
 
+    def mark_final(self, step: int) -> None:
+        """Mark the finished checkpoint ``step`` as the final model's, without writing it again."""
+        step = _check_step(step)
+        if step not in self.finished_steps():
+            raise KeyError(f"run {self.path} has no finished checkpoint at step {step}; "
+                           f"finished: {self.finished_steps()}")
+
+        def mark(manifest):
+            for entry in manifest["checkpoints"]:
+                if int(entry["step"]) == step:
+                    entry["final"] = True
+
+        self._update_manifest(mark)
+
     def load_checkpoint(self, step: int) -> dict[str, torch.Tensor]:
         """``{"saliency": [N, h, w] float16, "probs": [N, M] float32}`` of a finished step."""
         step = int(step)

@@ -54,8 +54,11 @@ from i2x._internal.tensors import as_grid
 from i2x.store import RunStoreError
 from i2x.track.streamed import StreamedImages, batches_at, iter_batches
 
-__all__ = ["Prototypes", "layer_features", "fit_prototypes", "discover_prototypes", "read_assignment",
-           "read_prototypes", "write_prototypes", "layer_features_of", "capture_layer_output"]
+#: k-means is fitted on at most this many grid positions (a seeded sample of them).
+MAX_FIT_POSITIONS = 200_000
+
+__all__ = ["MAX_FIT_POSITIONS", "Prototypes", "layer_features", "fit_prototypes", "discover_prototypes",
+           "read_assignment", "read_prototypes", "write_prototypes", "layer_features_of", "capture_layer_output"]
 
 # Rows are converted to float64 in chunks of at most this many elements (32 MiB), so no float64
 # copy of a whole feature batch (256 x 2048 x 7 x 7 would be 205 MB) is ever made.
@@ -343,7 +346,7 @@ def fit_prototypes(
     n_prototypes: int = 32,
     pca_dim: int = 64,
     seed: int = 0,
-    max_fit_positions: int = 200_000,
+    max_fit_positions: int = MAX_FIT_POSITIONS,
     n_init: int = 3,
     max_iter: int = 100,
     tol: float = 1e-4,

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from i2x._internal.checks import describe
 from i2x._internal.heap import release_freed_heap
+from i2x.data import ImageDataset, batch_of
 
 __all__ = ["StreamedImages", "iter_batches", "holds_tensors", "images_at", "batches_at"]
 
@@ -153,16 +154,12 @@ def holds_tensors(dataset) -> bool:
     """True for datasets that hand out a whole batch in one indexing operation from tensors they
     hold (an ``i2x.data.ImageDataset``, the ``i2x.loop.strategies`` wrappers with ``i2x_batch``): a
     DataLoader would only slow those down."""
-    from i2x.data import ImageDataset
-
     return hasattr(dataset, "i2x_batch") or isinstance(dataset, ImageDataset)
 
 
 def images_at(dataset, indices, *, num_workers: int = 0, pin_memory: bool = False):
     """The images of ``dataset`` at ``indices``: a tensor for a dataset that holds its tensors, a
     :class:`StreamedImages` view (read a batch at a time through a DataLoader) for any other."""
-    from i2x.data import batch_of
-
     indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
     if holds_tensors(dataset):
         return batch_of(dataset, indices)[0] if indices.numel() else torch.empty(0)
@@ -173,8 +170,6 @@ def batches_at(dataset, indices, batch_size: int, *, num_workers: int = 0,
                pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, images)`` of ``dataset`` at ``indices``, ``batch_size`` at a time: one indexing
     operation per batch for a dataset that holds its tensors, a DataLoader otherwise."""
-    from i2x.data import batch_of
-
     indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
     if not holds_tensors(dataset):
         yield from iter_batches(StreamedImages(dataset, indices, num_workers=num_workers, pin_memory=pin_memory),

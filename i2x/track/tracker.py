@@ -37,7 +37,7 @@ from i2x._internal import progress as _progress
 from i2x._internal.checks import check_int, describe
 from i2x._internal.modules import eval_mode, run_device, unwrap_model
 from i2x._internal.profiling import profiled
-from i2x.data import stratified_subset
+from i2x.data import labels_of, stratified_subset
 from i2x.explain.explainer import Explainer
 from i2x.store.runstore import RunStore, RunStoreError
 from i2x.track.batchnorm import calibration_rows, recalibrated_batchnorm
@@ -120,8 +120,6 @@ class Probe:
         they are never all in memory. Labels come from ``.targets`` / ``.labels`` where the
         dataset has them (read item by item otherwise); class names from ``classes``, the
         dataset's ``.classes``, or ``"0".."M-1"``."""
-        from i2x.data import labels_of
-
         if (all(hasattr(dataset, a) for a in ("images", "labels", "classes"))
                 and isinstance(dataset.images, torch.Tensor)):
             labels = torch.as_tensor(dataset.labels)
@@ -474,7 +472,13 @@ class Tracker:
         step = self.last_step if step is None else int(step)
         if step is None:
             raise ValueError("finish: no step seen yet; pass the final step explicitly")
-        self.record(step, final=True)
+        if step in self.finished:
+            # Recorded at this step already (the last scheduled step is usually the last step): the
+            # same model, so mark it final instead of explaining the probe again.
+            if self.store is not None:
+                self.store.mark_final(step)
+        else:
+            self.record(step, final=True)
         if save_weights and self.rank == 0:
             assert self.store is not None  # rank 0 opened the run
             self.store.write_weights(self.module.state_dict(), step)
