@@ -107,3 +107,101 @@ def test_train_reports_each_checkpoint_once(tmp_path, capsys):
     store = i2x.RunStore.open(tmp_path / "run")
     assert sorted(map(int, recorded)) == store.finished_steps()  # each finished step said once
     assert store.final_step() == store.finished_steps()[-1]
+
+
+def test_every_file_of_a_run_has_the_mode_the_umask_gives(tmp_path):
+    import os
+
+    import torch
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    store = i2x.RunStore.create(tmp_path / "run", model={"name": "m", "layer": "l", "method": "gradcam"},
+                                dataset={"name": "x"}, classes=["a", "b"], probe_indices=torch.arange(4),
+                                probe_labels=torch.tensor([0, 1, 0, 1]))
+    store.write_checkpoint(1, torch.rand(4, 2, 2), torch.full((4, 2), 0.5))
+    store.write_json("notes", {"a": 1})
+    store.write_weights({"w": torch.zeros(2)}, 1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in store.path.rglob("*") if p.is_file() and p.name != ".i2x-lock"}
+    assert {"probe.safetensors", "weights.safetensors", "manifest.json", "notes.json"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# -- run folders changed by hand: every path stays inside the run, every file is the one written --
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", str(run), "--data", "digits", "--epochs", "1", "--train-size", "200", "--probe-size", "20",
+                 "--widths", "4,8,16", "--n-prototypes", "4", "--batch-size", "50", "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def _edit_manifest(run, change):
+    import json
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    change(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _refused(capsys, argv, *words) -> None:
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert all(w in err for w in words), err
+
+
+def test_a_sound_run_passes_info(run, capsys):
+    assert main(["info", str(run), "--quiet"]) == 0
+
+
+def test_a_checkpoint_path_outside_the_run_is_a_corrupt_run(run, capsys):
+    _edit_manifest(run, lambda m: m["checkpoints"][0].__setitem__("file", "/etc/hostname"))
+    for command in (["info", str(run)], ["analyze", str(run)]):
+        _refused(capsys, command, "corrupt", "/etc/hostname")
+
+
+def test_a_step_edited_by_hand_is_a_corrupt_run(run, capsys):
+    _edit_manifest(run, lambda m: m["checkpoints"][1].__setitem__("step", 999))
+    for command in (["info", str(run)], ["analyze", str(run)]):
+        _refused(capsys, command, "corrupt", "step 999")
+
+
+def test_steps_out_of_order_are_a_corrupt_run(run, capsys):
+    def swap(m):
+        first, second = m["checkpoints"][0], m["checkpoints"][1]
+        m["checkpoints"][0], m["checkpoints"][1] = second, first
+
+    _edit_manifest(run, swap)
+    _refused(capsys, ["analyze", str(run)], "corrupt", "not strictly increasing")
+
+
+def test_a_file_symlinked_outside_the_run_is_not_read(run, tmp_path, capsys):
+    outside = tmp_path / "elsewhere.safetensors"
+    (run / "prototypes.safetensors").rename(outside)
+    (run / "prototypes.safetensors").symlink_to(outside)
+    for command in (["info", str(run)], ["analyze", str(run)]):
+        _refused(capsys, command, "corrupt", "leads outside the run folder")
+
+
+def test_a_file_replaced_after_it_was_written_is_detected(run, capsys):
+    steps = sorted((run / "checkpoints").iterdir())
+    steps[0].write_bytes(steps[-1].read_bytes())  # a valid checkpoint file, of another step
+    for command in (["info", str(run)], ["analyze", str(run)]):
+        _refused(capsys, command, "corrupt", steps[0].name, "changed after it was written")
+
+
+def test_a_listed_file_that_is_missing_fails_info(run, capsys):
+    (run / "weights.safetensors").unlink()
+    _refused(capsys, ["info", str(run)], "corrupt", "weights.safetensors is missing")

@@ -111,7 +111,9 @@ def _info(args) -> int:
         return 0
     from i2x.store import RunStore
 
-    store = RunStore.open(args.run)
+    # Every file the run lists, checked (present, inside the run, the hash it was written with):
+    # `i2x info` is how a user asks whether a run folder is sound.
+    store = RunStore.open(args.run).verify()
     m = store.manifest
     data = {"run": str(store.path), "model": m["model"], "dataset": m["dataset"], "probe_size": m["probe"]["size"],
             "classes": m["classes"], "grid": m["grid"], "schedule": m["schedule"].get("steps"),

@@ -52,8 +52,10 @@ def _atomic_write(path: Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp's 0600 would make the run unreadable to others
         write(tmp)
+        # After the write: mkstemp's 0600 would make the run unreadable to others, and a writer that
+        # replaces the file (safetensors' save_file does) creates it 0600 again.
+        os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from i2x._internal.checks import describe
-from i2x._internal.hashing import bytes_digest, tensor_bytes
+from i2x._internal.hashing import bytes_digest, file_digest, tensor_bytes
 from i2x.store import lock
 from i2x.store.atomic import (
     TMP_PREFIX,
@@ -81,6 +81,7 @@ class RunStore:
         self._manifest = manifest
         self._lock_key: str | None = None
         self._lock_finalizer: weakref.finalize | None = None
+        self._verified: set[Path] = set()  # files whose hash this store checked already
 
     # -- one writer at a time (i2x.store.lock) -----------------------------------------------
 
@@ -256,7 +257,9 @@ class RunStore:
         rel = _checkpoint_name(step)
         self.lock_for_writing()
         atomic_save_tensors(self.path / rel, {"saliency": sal16, "probs": probs.detach().float()})
-        entry = {"step": step, "file": rel, "final": bool(final), "written": _now(), **dict(extra or {})}
+        self._verified.discard((self.path / rel).resolve())
+        entry = {"step": step, "file": rel, "final": bool(final), "written": _now(),
+                 "sha256": file_digest(self.path / rel), **dict(extra or {})}
         _json_safe(entry, "checkpoint entry")
 
         def add(manifest):
@@ -287,7 +290,7 @@ class RunStore:
         if entry is None:
             raise KeyError(f"run {self.path} has no finished checkpoint at step {step}; "
                            f"finished: {self.finished_steps()}")
-        tensors = self._load(self.path / entry["file"], ("saliency", "probs"))
+        tensors = self._load(self.path / entry["file"], ("saliency", "probs"), entry.get("sha256"))
         n, m = self.probe_size, self.num_classes
         sal, probs = tensors["saliency"], tensors["probs"]
         if sal.dim() != 3 or sal.shape[0] != n or list(sal.shape[1:]) != self._manifest["grid"]:
@@ -315,7 +318,8 @@ class RunStore:
         name = _check_name(name)
         self.lock_for_writing()
         atomic_save_tensors(self.path / f"{name}.safetensors", tensors)
-        self.record_stage(name, record)
+        self._verified.discard((self.path / f"{name}.safetensors").resolve())
+        self.record_stage(name, {**dict(record or {}), "sha256": file_digest(self.path / f"{name}.safetensors")})
 
     def write_weights(self, state_dict: Mapping[str, torch.Tensor], step: int | None = None) -> None:
         """Keep the final model's weights in the run (``weights.safetensors``, atomic)."""
@@ -333,7 +337,8 @@ class RunStore:
 
     def read_tensors(self, name: str, required: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         name = _check_name(name)
-        return self._load(self.path / f"{name}.safetensors", tuple(required))
+        digest = (self._manifest.get("stages", {}).get(name) or {}).get("sha256")
+        return self._load(self.path / f"{name}.safetensors", tuple(required), digest)
 
     def write_json(self, name: str, obj, record: Mapping | None = None) -> None:
         """Write ``name.json`` atomically (NaN/inf are refused: JSON has no such numbers)."""
@@ -391,12 +396,47 @@ class RunStore:
         self.lock_for_writing()
         atomic_write_json(self.path / MANIFEST, self._manifest)
 
-    def _load(self, path: Path, required: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def _inside(self, path: Path) -> Path:
+        """``path``, after checking that it (symbolic links followed) stays inside the run folder."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.path.resolve()):
+            raise RunStoreError(f"corrupt run {self.path}: {path.name} leads outside the run folder (to {resolved}); "
+                                "a run only reads its own files")
+        return resolved
+
+    def _verify(self, path: Path, digest: str | None) -> None:
+        """The file's sha256 against the one recorded when it was written (runs written before
+        i2x recorded them have none); each file once per opened store."""
+        if digest is None or path in self._verified:
+            return
+        actual = file_digest(path)
+        if actual != digest:
+            raise RunStoreError(f"corrupt run {self.path}: {path.name} changed after it was written (sha256 {actual}, "
+                                f"the manifest recorded {digest}); re-run the stage that writes it")
+        self._verified.add(path)
+
+    def verify(self) -> RunStore:
+        """Check every file the manifest lists: present, inside the run folder, and (where recorded)
+        with the hash it was written with. Raises RunStoreError naming the first that is not."""
+        listed = [(self.path / c["file"], c.get("sha256")) for c in self._manifest["checkpoints"]]
+        for name, record in self._manifest.get("stages", {}).items():
+            if isinstance(record, dict) and "sha256" in record:
+                listed.append((self.path / f"{name}.safetensors", record["sha256"]))
+        for path, digest in listed:
+            if not path.exists():
+                raise RunStoreError(f"corrupt run {self.path}: {path.relative_to(self.path)} is missing although the "
+                                    "manifest lists it")
+            self._verify(self._inside(path), digest)
+        return self
+
+    def _load(self, path: Path, required: tuple[str, ...], digest: str | None = None) -> dict[str, torch.Tensor]:
         if not path.exists():
             raise RunStoreError(
                 f"{path} is missing from run {self.path} although the manifest lists it: the folder was "
                 "changed by hand or copied incompletely; re-run the stage that writes it"
             )
+        path = self._inside(path)
+        self._verify(path, digest)
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -449,10 +489,21 @@ def _read_manifest(path: Path) -> dict:
     for key, kind in (("classes", list), ("checkpoints", list), ("probe", dict), ("model", dict), ("dataset", dict)):
         if not isinstance(manifest.get(key), kind):
             raise RunStoreError(f"{mpath} is corrupt: field {key!r} is missing or not a {kind.__name__}")
+    previous = -1
     for entry in manifest["checkpoints"]:
         if (not isinstance(entry, dict) or not isinstance(entry.get("step"), int)
                 or not isinstance(entry.get("file"), str)):
             raise RunStoreError(f"{mpath} is corrupt: checkpoint entry {entry!r} lacks an integer 'step' or a 'file'")
+        # i2x names every checkpoint file after its step, inside the run: anything else (an absolute
+        # path, '..', a step edited by hand) is a manifest that i2x did not write.
+        if entry["step"] < 0 or entry["file"] != _checkpoint_name(entry["step"]):
+            raise RunStoreError(f"{mpath} is corrupt: the checkpoint of step {entry['step']} names the file "
+                                f"{entry['file']!r}, not {_checkpoint_name(max(entry['step'], 0))!r} "
+                                "(the manifest was edited by hand?)")
+        if entry["step"] <= previous:
+            raise RunStoreError(f"{mpath} is corrupt: checkpoint steps are not strictly increasing "
+                                f"({previous} then {entry['step']})")
+        previous = entry["step"]
     return manifest
 
 
