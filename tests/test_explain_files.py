@@ -229,6 +229,7 @@ def _corrupt(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("not_image", "not an image file"),
+    ("good_then_not_image", "not an image file"),
     ("empty_folder", "holds no image files"),
     ("no_arch", "--arch is needed"),
     ("wrong_arch", "do not fit --arch resnet18: keys"),
@@ -247,6 +248,7 @@ def test_errors_are_one_line_with_status_2(case, message, run_dir, images, tmp_p
     argv = {
         "missing": ["--model", str(run_dir), str(tmp_path / "nope.png")],
         "not_image": ["--model", str(run_dir), str(_corrupt(tmp_path))],
+        "good_then_not_image": ["--model", str(run_dir), img, str(_corrupt(tmp_path))],
         "empty_folder": ["--model", str(run_dir), str(tmp_path / "empty")],
         "no_arch": ["--model", weights, img],
         "wrong_arch": ["--model", weights, "--arch", "resnet18", img],
@@ -260,6 +262,7 @@ def test_errors_are_one_line_with_status_2(case, message, run_dir, images, tmp_p
     rc, _, err = cli(["explain", *argv, "--out", str(tmp_path / "o")] if "--model" in argv else ["explain", *argv],
                      capsys)
     assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists(), "a refused command left its output folder behind"
 
 
 def test_mismatch_names_the_keys_briefly(run_dir):

@@ -17,6 +17,7 @@ specialised in, the pairs it is flagged for and its pooled beta for the predicte
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,15 +426,20 @@ def explain_files(weights, inputs, *, arch: str | None = None, run=None, layer: 
     files = image_files(inputs)
     im = open_image_model(weights, arch=arch, run=run, layer=layer, size=size, device=device, method=method)
     folder = None if out is None else Path(out)
+    created = folder is not None and not folder.exists()
     if folder is not None:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"--out {folder} exists and is not a folder")
         folder.mkdir(parents=True, exist_ok=True)
-    result = {"model": im.describe(), "out": None if folder is None else str(folder),
-              "images": explain_images(im, files, folder, top)}
-    if folder is not None:
-
-        atomic_write_bytes(folder / "explanations.json", (json.dumps(result, indent=2) + "\n").encode())
+    try:
+        result = {"model": im.describe(), "out": None if folder is None else str(folder),
+                  "images": explain_images(im, files, folder, top)}
+        if folder is not None:
+            atomic_write_bytes(folder / "explanations.json", (json.dumps(result, indent=2) + "\n").encode())
+    except BaseException:
+        if created and folder is not None:  # a call that fails (an unreadable image, say) leaves no folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return result
 
 
