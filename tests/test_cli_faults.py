@@ -205,3 +205,29 @@ def test_a_file_replaced_after_it_was_written_is_detected(run, capsys):
 def test_a_listed_file_that_is_missing_fails_info(run, capsys):
     (run / "weights.safetensors").unlink()
     _refused(capsys, ["info", str(run)], "corrupt", "weights.safetensors is missing")
+
+
+def test_a_full_disk_during_train_names_the_file_and_the_reason(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk only inside its message; the error still says which file
+    could not be written and why, with errno 28, and exits 1 (the work failed, not the input)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import i2x.store.atomic as atomic
+
+    real_save = atomic.save_file
+
+    def full_disk_for_weights(tensors, filename, metadata=None):
+        if "weights" in str(metadata or "") or any(k.startswith("stem") for k in tensors):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(atomic, "save_file", full_disk_for_weights)
+    status = main(["train", str(tmp_path / "run"), "--data", "digits", "--epochs", "1", "--train-size", "200",
+                   "--probe-size", "20", "--widths", "4,8,16", "--n-prototypes", "4", "--batch-size", "50", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert re.search(r"could not write \S*weights\.safetensors: No space left on device", err), err
+    assert f"[Errno {errno.ENOSPC}]" in err and "Errno None" not in err
+    assert not list((tmp_path / "run").glob(".i2x-tmp-*"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,11 +65,21 @@ def _atomic_write(path: Path, write) -> None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, (OSError, SafetensorError)):
             # A full disk or a failed write: the old file (if any) is untouched; say which file.
-            why = getattr(e, "strerror", None) or str(e)
-            raise OSError(getattr(e, "errno", None), f"could not write {path}: {why}; the previous version (if "
-                                                     "any) is kept") from e
+            code, why = _os_error(e)
+            raise OSError(code, f"could not write {path}: {why}; the previous version (if any) is kept") from e
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error(e: BaseException) -> tuple[int | None, str]:
+    """``(errno, reason)`` of a failed write. safetensors reports the OS error only inside its
+    message ("I/O error: No space left on device (os error 28)"): read the code from there."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    reason = getattr(e, "strerror", None) or (os.strerror(code) if code is not None else str(e))
+    return code, reason
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
