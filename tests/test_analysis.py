@@ -620,7 +620,7 @@ def test_analyze_errors(tmp_path):
     bare = _make_store(tmp_path / "bare", a["probs"][:2], a["saliency"][:2], a["labels"])
     with pytest.raises(FileNotFoundError, match="has no prototypes"):
         an.analyze(bare)
-    with pytest.raises(FileNotFoundError, match="run i2x.analysis.analyze first"):
+    with pytest.raises(FileNotFoundError, match=r"run `i2x analyze RUN` \(i2x.analyze\) first"):
         an.load_analysis(bare)
     wrong = _make_store(tmp_path / "wrong", a["probs"][:2], a["saliency"][:2], a["labels"],
                         a["assignment"][:, :, :3])

@@ -69,7 +69,7 @@ def test_a_bogus_arm_is_refused_before_the_demo_trains(tmp_path, capsys):
     status = main(["demo", str(tmp_path / "demo"), "--quick", "--arms", "full->full,bogus"])
     err = capsys.readouterr().err
     assert status == 2
-    assert re.search(r"i2x demo: error: arms: arm 'bogus'", err), err
+    assert re.search(r"i2x demo: error: --arms: arm .bogus.", err), err
     assert "train:" not in err  # refused before the data were even loaded for training
     assert not (tmp_path / "demo").exists()
 
@@ -94,7 +94,7 @@ def test_too_many_prototypes_are_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2
     # digits are 28 px: small-resnet's layer3 holds a 7 x 7 grid, so 20 probe images give 980 positions.
-    assert "n_prototypes: 1000000000000 is more than the 980 probe positions" in err
+    assert "--n-prototypes: 1000000000000 is more than the 980 probe positions" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -231,3 +231,35 @@ def test_a_full_disk_during_train_names_the_file_and_the_reason(tmp_path, capsys
     assert re.search(r"could not write \S*weights\.safetensors: No space left on device", err), err
     assert f"[Errno {errno.ENOSPC}]" in err and "Errno None" not in err
     assert not list((tmp_path / "run").glob(".i2x-tmp-*"))
+
+
+# -- every verb explains itself, and errors speak in flags and commands ---------------------------
+
+
+def test_every_command_has_a_description_and_every_option_its_help():
+    import argparse
+
+    from i2x.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = {name: [a.option_strings or [a.dest] for a in p._actions if not a.help]
+                    for name, p in sub.choices.items()}
+    assert all(sub.choices[name].description for name in sub.choices), \
+        [name for name in sub.choices if not sub.choices[name].description]
+    assert not any(undocumented.values()), undocumented
+
+
+def test_an_analyze_option_out_of_range_is_named_by_its_flag(run, capsys):
+    assert main(["analyze", str(run), "--min-presence", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-presence: expected a number in [0, 1], got 1.5" in err and "min_presence" not in err
+    assert main(["analyze", str(run), "--score", "loudest"]) == 2
+    err = capsys.readouterr().err
+    assert "--score" in err and "uncertainty_score" not in err
+
+
+def test_a_missing_stage_names_the_command_to_run(run, capsys):
+    assert main(["experiment", str(run), "--data", "digits", "--arms", "full", "--seeds", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "`i2x analyze RUN`" in err and "i2x.analysis" not in err

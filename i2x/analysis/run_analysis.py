@@ -403,7 +403,7 @@ def load_analysis(run) -> Analysis:
     store = open_run(run)
     for name in ("analysis.json", "analysis.safetensors"):
         if not (store.path / name).exists():
-            raise FileNotFoundError(f"run {store.path} has no {name}: run i2x.analysis.analyze first")
+            raise FileNotFoundError(f"run {store.path} has no {name}: run `i2x analyze RUN` (i2x.analyze) first")
     data = read_record(store.path / "analysis.json", SCHEMA, "an i2x analysis", SCHEMA_VERSION, "re-run analyze")
     actual = file_digest(store.path / "analysis.safetensors")
     if data.get("fingerprints", {}).get("tensors") != actual:

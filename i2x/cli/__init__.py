@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -51,6 +52,17 @@ def _one_line(message) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 3] + "..."
 
 
+def _with_flag_names(parser: argparse.ArgumentParser, command: str, message: str) -> str:
+    """The Python names of options in ``message`` ("n_pairs: expected ...") as the command's flags
+    ("--n-pairs: expected ..."): the user typed the flag and should read it back."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        flags = [f for f in action.option_strings if f.startswith("--")]
+        if flags and action.dest != "help":
+            message = re.sub(rf"(^|; |\(|, ){re.escape(action.dest)}(?=: )", rf"\g<1>{flags[0]}", message)
+    return message
+
+
 def _is_input_error(error: BaseException) -> bool:
     # A run locked by another writer is not the user's input being wrong (i2x.store.RunLockedError).
     store = sys.modules.get("i2x.store")
@@ -59,7 +71,8 @@ def _is_input_error(error: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from i2x._internal.progress import configure
 
     configure(quiet=args.quiet or args.json)
@@ -77,7 +90,8 @@ def main(argv=None) -> int:
         input_error = _is_input_error(e)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         kind = "error" if input_error else f"failed: {type(e).__name__}"
-        print(f"i2x {args.command}: {kind}: {_one_line(message)}", file=sys.stderr)
+        text = _with_flag_names(parser, args.command, _one_line(message)) if input_error else _one_line(message)
+        print(f"i2x {args.command}: {kind}: {text}", file=sys.stderr)
         return 2 if input_error else 1
     finally:
         configure(quiet=False)

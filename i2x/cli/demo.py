@@ -44,15 +44,17 @@ def register(sub) -> None:
     train.add_argument("--size", type=positive_int, default=None, help="resize the images to SIZE px")
     train.add_argument("--model", default="small-resnet", help="small-resnet (default) or resnet50")
     train.add_argument("--widths", type=int_list, default=None, help="small-resnet stage widths, e.g. 16,32,64")
-    train.add_argument("--epochs", type=positive_int, default=4)
+    train.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default 4)")
     train.add_argument("--train-size", type=positive_int, default=None,
                        help="train on a stratified subset of this many images (recorded in the run)")
-    train.add_argument("--probe-size", type=positive_int, default=2_000)
-    train.add_argument("--n-prototypes", type=positive_int, default=16)
+    train.add_argument("--probe-size", type=positive_int, default=2_000,
+                       help="images tracked at every checkpoint, a stratified subset (default 2000)")
+    train.add_argument("--n-prototypes", type=positive_int, default=16, help="prototypes to find (default 16)")
     train.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 0.05, cosine decay)")
-    train.add_argument("--batch-size", type=positive_int, default=128)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    train.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default 128)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
+    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="the training loop's precision (auto: bfloat16 autocast where the CPU has it)")
     train.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     train.set_defaults(handler=_train)
 

@@ -50,12 +50,16 @@ def register(sub) -> None:
                      help="comma-separated arms (full, curated, full->full, curated->full, ...), 'quick' or 'all' "
                           "(default all)")
     exp.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default 5)")
-    exp.add_argument("--epochs-per-stage", type=positive_int, default=1)
+    exp.add_argument("--epochs-per-stage", type=positive_int, default=1,
+                     help="fine-tuning epochs of each stage of an arm (default 1)")
     exp.add_argument("--lr", type=positive_float, default=None, help="fine-tuning learning rate (default 0.1 x 0.05)")
-    exp.add_argument("--batch-size", type=positive_int, default=128)
-    exp.add_argument("--perturb-mode", choices=["fill", "blur", "noise"], default="fill")
-    exp.add_argument("--penalty-weight", type=non_negative_float, default=1.0)
-    exp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    exp.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default 128)")
+    exp.add_argument("--perturb-mode", choices=["fill", "blur", "noise"], default="fill",
+                     help="how the perturbed arm hides the flagged cells (default fill)")
+    exp.add_argument("--penalty-weight", type=non_negative_float, default=1.0,
+                     help="weight of the explanation penalty in the penalized arm (default 1.0)")
+    exp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                     help="the fine-tuning loop's precision (auto: bfloat16 autocast where the CPU has it)")
     exp.add_argument("--name", type=plain_name, default="experiment",
                      help="the experiment's folder in the run: letters, digits, '_', '-' (default experiment)")
     exp.set_defaults(handler=_experiment)

@@ -5,12 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from i2x.cli.common import COMMON, device_name, emit, finite_float, int_list, positive_float, positive_int
+from i2x.cli.common import (
+    COMMON,
+    device_name,
+    emit,
+    finite_float,
+    int_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(sub) -> None:
     track = sub.add_parser("track", parents=[COMMON],
-                           help="record a folder of saved checkpoints into a run (resumable)")
+                           help="record a folder of saved checkpoints into a run (resumable)",
+                           description="Stages 1-2 post hoc: explain a probe set of the dataset with every saved "
+                                       "checkpoint of the folder (oldest first), then find the prototypes of the "
+                                       "last one. Resumable: finished checkpoints are skipped.")
     track.add_argument("--run", required=True, type=Path, help="the run folder (created, or resumed)")
     track.add_argument("--checkpoints", required=True, type=Path,
                        help="folder of weights files; the step is the last number in each name")
@@ -21,34 +33,52 @@ def register(sub) -> None:
     track.add_argument("--widths", type=int_list, default=None, help="small-resnet stage widths, e.g. 16,32,64")
     track.add_argument("--layer", default=None, help="target layer (default: the model's)")
     track.add_argument("--probe-size", type=positive_int, default=10_000, help="stratified probe size (default 10000)")
-    track.add_argument("--probe-seed", type=int, default=0)
-    track.add_argument("--batch-size", type=positive_int, default=256)
-    track.add_argument("--method", default="gradcam")
-    track.add_argument("--recalibrate-bn", type=int, default=512,
+    track.add_argument("--probe-seed", type=int, default=0, help="seed of the probe's stratified draw")
+    track.add_argument("--batch-size", type=positive_int, default=256, help="probe images per explain batch")
+    track.add_argument("--method", default="gradcam",
+                       help="gradcam, gradcam++, xgradcam, layercam or hirescam (default gradcam)")
+    track.add_argument("--recalibrate-bn", type=non_negative_int, default=512,
                        help="probe images for BatchNorm recalibration before each record (0: off)")
     track.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     track.add_argument("--no-prototypes", action="store_true", help="skip prototype discovery")
-    track.add_argument("--n-prototypes", type=positive_int, default=32)
-    track.add_argument("--pca-dim", type=positive_int, default=64)
-    track.add_argument("--prototype-seed", type=int, default=0)
+    track.add_argument("--n-prototypes", type=positive_int, default=32, help="prototypes to find (default 32)")
+    track.add_argument("--pca-dim", type=positive_int, default=64,
+                       help="dimensions the layer features are reduced to before k-means (default 64)")
+    track.add_argument("--prototype-seed", type=int, default=0, help="seed of k-means")
     track.set_defaults(handler=_track)
 
     analyze = sub.add_parser("analyze", parents=[COMMON],
-                             help="stages 3-8: beta^t, groups, timeline, uncertain prototypes")
-    analyze.add_argument("run", type=Path)
-    analyze.add_argument("--ridge-lambda", type=positive_float)
-    analyze.add_argument("--n-pairs", type=int)
-    analyze.add_argument("--score", dest="uncertainty_score", help="swing, sign_changes or cancellation")
-    analyze.add_argument("--regression", dest="uncertainty_regression", help="pair, pooled or class_a")
-    analyze.add_argument("--presence", dest="uncertainty_presence", help="both_classes or pair_share")
-    analyze.add_argument("--min-presence", type=finite_float)
-    analyze.add_argument("--flag-fraction", type=finite_float)
-    analyze.add_argument("--shared-presence", type=finite_float)
-    analyze.add_argument("--separation-threshold", type=finite_float)
+                             help="stages 3-8: beta^t, groups, timeline, uncertain prototypes",
+                             description="Stages 3-8 on a tracked run: how each prototype moved each class over "
+                                         "training (beta^t), the classes' groups, shared and specialised "
+                                         "prototypes, when each pair of classes separated, and the uncertain and "
+                                         "decisive prototypes of the most confused pairs. Writes analysis.json and "
+                                         "analysis.safetensors into the run (docs/analysis.md). Options left out "
+                                         "keep the defaults.")
+    analyze.add_argument("run", type=Path, help="the run folder (made by i2x train, i2x track or i2x.Tracker)")
+    analyze.add_argument("--ridge-lambda", type=positive_float, help="ridge penalty of the beta regressions (1.0)")
+    analyze.add_argument("--n-pairs", type=non_negative_int, help="most confused pairs to read (3)")
+    analyze.add_argument("--score", dest="uncertainty_score",
+                         help="the uncertainty score: swing, sign_changes or cancellation (swing)")
+    analyze.add_argument("--regression", dest="uncertainty_regression",
+                         help="the regression the score reads: pair, pooled or class_a (pair)")
+    analyze.add_argument("--presence", dest="uncertainty_presence",
+                         help="how presence in a pair is read: both_classes or pair_share (both_classes)")
+    analyze.add_argument("--min-presence", type=finite_float,
+                         help="share of a pair's samples a prototype must be present in, 0-1 (0.1)")
+    analyze.add_argument("--flag-fraction", type=finite_float,
+                         help="flag prototypes scoring at least this fraction of the top score, 0-1 (0.5)")
+    analyze.add_argument("--shared-presence", type=finite_float,
+                         help="presence in a class above which a prototype is shared, 0-1 (0.5)")
+    analyze.add_argument("--separation-threshold", type=finite_float,
+                         help="confusion share below which a pair counts as separated, 0-1 (0.05)")
     analyze.set_defaults(handler=_analyze)
 
-    info = sub.add_parser("info", parents=[COMMON], help="what a run folder holds (without RUN: this i2x build)")
-    info.add_argument("run", type=Path, nargs="?", default=None)
+    info = sub.add_parser("info", parents=[COMMON], help="what a run folder holds (without RUN: this i2x build)",
+                          description="What a run folder holds, after checking every file it lists (present, inside "
+                                      "the folder, unchanged since it was written): a corrupt run exits with status 2. "
+                                      "Without RUN: how this i2x was built.")
+    info.add_argument("run", type=Path, nargs="?", default=None, help="the run folder (left out: this build)")
     info.set_defaults(handler=_info)
 
 

@@ -261,7 +261,8 @@ def load_results(run, name: str = "experiment") -> dict:
     store = open_run(run)
     path = store.path / name / "results.json"
     if not path.exists():
-        raise FileNotFoundError(f"run {store.path} has no {name}/results.json: run i2x.experiment first")
+        raise FileNotFoundError(f"run {store.path} has no {name}/results.json: run `i2x experiment RUN --data NAME` "
+                                "(i2x.experiment) first")
     return read_record(path, RESULTS_SCHEMA, "an i2x experiment")
 
 
@@ -410,7 +411,8 @@ def experiment(
     if pair is None:
         entry = store.read_json("analysis")["uncertainty"] if (store.path / "analysis.json").exists() else []
         if not entry:
-            raise ValueError(f"run {store.path}: no targets and no analysed pair; run i2x.analyze and find_targets")
+            raise ValueError(f"run {store.path}: no targets and no analysed pair; run `i2x analyze RUN` and "
+                             "`i2x curate RUN --data NAME` (i2x.analyze, i2x.find_targets)")
         pair = list(entry[0]["pair"])
         skip_reason = skip_reason or f"nothing to curate for {tuple(pair)}"
     a, b = pair

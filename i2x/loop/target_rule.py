@@ -165,7 +165,7 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     if not (store.path / "prototypes.safetensors").exists():
         raise ValueError(f"run {store.path} has no prototypes: finish the tracker (or run fit_prototypes) first")
     if not (store.path / "analysis.json").exists():
-        raise ValueError(f"run {store.path} has no analysis: run i2x.analyze first")
+        raise ValueError(f"run {store.path} has no analysis: run `i2x analyze RUN` (i2x.analyze) first")
     analysis = load_analysis(store)
     protos = read_prototypes(store)
     a, b = _choose_pair(analysis, pairs, store.num_classes)

@@ -306,7 +306,8 @@ def load_targets(run) -> Targets:
     """Read the run's targets back."""
     store = open_run(run)
     if not (store.path / "targets.json").exists():
-        raise FileNotFoundError(f"run {store.path} has no targets.json: run i2x.find_targets (i2x curate) first")
+        raise FileNotFoundError(f"run {store.path} has no targets.json: run `i2x curate RUN --data NAME` "
+                                "(i2x.find_targets) first")
     data = read_record(store.path / "targets.json", TARGETS_SCHEMA, "i2x targets")
     if data.get("status") == "nothing_to_curate":
         raise NothingToCurate(str(data.get("message", f"nothing to curate for {tuple(data.get('pair', ()))}")))
