@@ -263,3 +263,42 @@ def test_a_missing_stage_names_the_command_to_run(run, capsys):
     assert main(["experiment", str(run), "--data", "digits", "--arms", "full", "--seeds", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "`i2x analyze RUN`" in err and "i2x.analysis" not in err
+
+
+# -- the demo's summary never calls a losing arm best -----------------------------------------------
+
+
+def _summary(against: dict, seeds: list[int]) -> dict:
+    return {"evaluation": {"accuracy": 0.8, "n": 100}, "dataset": "digits", "train_samples": 300, "epochs": 2,
+            "pair": {"names": ["a", "b"], "test_confusions": 9, "uncertain": [{"prototype": 1, "score": 0.1}]},
+            "targets": {"targets": 5, "pair_samples": 50, "share": 0.1},
+            "best_arm": {"arm": "curated->full", "pair_confusions_mean": 88.0, "seeds": seeds, "against": against,
+                         "beats_controls": i2x.apps.demo._beats(against)}}
+
+
+def test_an_arm_worse_than_its_control_is_not_called_best():
+    import i2x.apps.demo
+
+    worse = {"full->full": {"pair_confusions": {"mean": 1.0, "lo": -75.2, "hi": 77.2}}}
+    line = i2x.apps.demo.summary_lines(_summary(worse, [0, 1]))[-1]
+    assert line.startswith("no arm won") and "best arm" not in line
+    assert "88.0 test pair confusions" in line and "2 seeds, 95% t-intervals" in line
+
+
+def test_one_seed_says_it_has_no_interval_and_wins_nothing():
+    import i2x.apps.demo
+
+    one = {"full->full": {"pair_confusions": {"mean": -3.0, "lo": None, "hi": None}}}
+    line = i2x.apps.demo.summary_lines(_summary(one, [0]))[-1]
+    assert line.startswith("no arm won") and "one seed: no interval" in line and "t-interval" not in line
+
+
+def test_an_arm_that_beats_every_control_is_best():
+    import i2x.apps.demo
+
+    wins = {"full->full": {"pair_confusions": {"mean": -9.0, "lo": -12.0, "hi": -6.0}},
+            "random->full": {"pair_confusions": {"mean": -8.0, "lo": -11.0, "hi": -1.5}}}
+    line = i2x.apps.demo.summary_lines(_summary(wins, [0, 1, 2]))[-1]
+    assert line.startswith("best arm      curated->full: 88.0 test pair confusions")
+    loses_one = dict(wins, **{"hard->full": {"pair_confusions": {"mean": -1.0, "lo": -4.0, "hi": 2.0}}})
+    assert i2x.apps.demo.summary_lines(_summary(loses_one, [0, 1, 2]))[-1].startswith("no arm won")

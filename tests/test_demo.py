@@ -107,7 +107,13 @@ def test_the_summary_is_what_the_run_holds(demo):
 def test_the_text_summary_has_five_lines_and_says_where_things_are(demo):
     lines = i2x.apps.demo.summary_lines(demo["summary"])
     assert len(lines) == 5
-    assert [line.split()[0] for line in lines] == ["accuracy", "pair", "uncertain", "targets", "best"]
+    assert [line.split()[0] for line in lines[:4]] == ["accuracy", "pair", "uncertain", "targets"]
+    best = demo["summary"]["best_arm"]
+    against = best["against"].values()
+    beats = bool(against) and all(c["pair_confusions"]["hi"] is not None and c["pair_confusions"]["hi"] < 0
+                                  for c in against)
+    assert best["beats_controls"] == beats
+    assert lines[4].startswith("best arm" if beats else "no arm won")
     report = Path(demo["summary"]["report"])
     assert report == demo["folder"] / "report" / "index.html" and report.exists()
     assert report.stat().st_size < MAX_REPORT_BYTES

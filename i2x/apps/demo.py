@@ -278,10 +278,18 @@ def _best_arm(results: dict | None) -> dict | None:
         return None
     arm = min(candidates, key=lambda k: candidates[k]["pair_confusions_mean"])
     entry = candidates[arm]
+    against = {ref: {"pair_confusions": c["pair_confusions"], "accuracy_points": c["accuracy_points"]}
+               for ref, c in entry.get("comparisons", {}).items()}
     return {"arm": arm, "pair_confusions_mean": entry["pair_confusions_mean"], "accuracy_mean": entry["accuracy_mean"],
-            "seeds": entry["seeds"],
-            "against": {ref: {"pair_confusions": c["pair_confusions"], "accuracy_points": c["accuracy_points"]}
-                        for ref, c in entry.get("comparisons", {}).items()}}
+            "seeds": entry["seeds"], "against": against, "beats_controls": _beats(against)}
+
+
+def _beats(against: dict) -> bool:
+    """Whether an arm beat every control it was compared with: fewer test pair confusions, the 95%
+    interval of the paired difference below zero. One seed gives no interval, so it never does."""
+    if not against:
+        return False
+    return all(c["pair_confusions"].get("hi") is not None and c["pair_confusions"]["hi"] < 0 for c in against.values())
 
 
 def _json_clean(obj):
@@ -297,7 +305,7 @@ def _json_clean(obj):
 
 def _interval(c: dict) -> str:
     if c.get("lo") is None:
-        return f"{c['mean']:+.1f} (one seed: no interval)"
+        return f"{c['mean']:+.1f}"
     return f"{c['mean']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
 
 
@@ -324,8 +332,14 @@ def summary_lines(summary: dict) -> list[str]:
     best = summary.get("best_arm")
     if best is None:
         lines.append("best arm      no explanation arm finished")
+        return lines
+    refs = "; ".join(f"vs {ref} {_interval(c['pair_confusions'])}" for ref, c in best["against"].items())
+    n = len(best["seeds"])
+    stats = "one seed: no interval" if n == 1 else f"{n} seeds, 95% t-intervals"
+    what = f"{best['arm']}: {best['pair_confusions_mean']:.1f} test pair confusions ({refs}; {stats})"
+    # An arm is called best only where the paired intervals say it beat every control.
+    if best.get("beats_controls"):
+        lines.append(f"best arm      {what}")
     else:
-        refs = "; ".join(f"vs {ref} {_interval(c['pair_confusions'])}" for ref, c in best["against"].items())
-        lines.append(f"best arm      {best['arm']}: {best['pair_confusions_mean']:.1f} pair confusions ({refs}; "
-                     f"{len(best['seeds'])} seed(s), 95% t-intervals)")
+        lines.append(f"no arm won    none beat the controls; the lowest was {what}")
     return lines
