@@ -179,14 +179,84 @@ def test_errors_come_at_fit_start(tmp_path):
     assert not (tmp_path / "a").exists()
     _fit_expecting(TypeError, "probe: expected an i2x.Probe", tmp_path,
                    TrackerCallback(LAYER, [probe.images], tmp_path / "b"))
-    _fit_expecting(TypeError, "NoForward defines no forward", tmp_path,
-                   TrackerCallback(LAYER, probe, tmp_path / "c"), NoForward())
+    _fit_expecting(TypeError, r"NoForward defines no forward\(\).*module='net'.*layer='net.layer4'", tmp_path,
+                   TrackerCallback("layer", probe, tmp_path / "c"), NoForward())
     with pytest.raises(TypeError, match="prototypes: expected True, False or a dict"):
         TrackerCallback(LAYER, probe, tmp_path / "d", prototypes="yes")
     infinite = TrackerCallback(LAYER, probe, tmp_path / "e")
     trainer = _trainer(tmp_path, [infinite], max_epochs=-1, max_steps=-1)
     with pytest.raises(ValueError, match="estimated_stepping_batches is infinite"):
         trainer.fit(Lit(), torch.utils.data.DataLoader(_data()[1], batch_size=BATCH))
+
+
+# -- the pattern people write: the network is self.net, training_step calls it, no forward() --------
+
+
+class NetModule(L.LightningModule):
+    """The same network, dropout and random draws as ``Lit``, held as ``self.net`` with no forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet(classes=3, width=4)
+        self.drop = nn.Dropout(0.25)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        torch.rand(())
+        return nn.functional.cross_entropy(self.net(self.drop(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class NetSnapshots(Snapshots):
+    """The network's own weights after every optimizer step: what post hoc tracking of it reads."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.last:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(pl_module.net.state_dict(), self.folder / f"step-{trainer.global_step}.pt")
+
+
+def _fit_net(root, callbacks=()):
+    L.seed_everything(0, verbose=False)
+    module = NetModule()
+    loader = torch.utils.data.DataLoader(_data()[1], batch_size=BATCH, shuffle=True)
+    trainer = _trainer(root, callbacks)
+    trainer.fit(module, loader)
+    return module, trainer
+
+
+def test_a_module_without_forward_is_tracked_through_the_network_it_names(tmp_path):
+    with torch.random.fork_rng(devices=[]):
+        plain, _ = _fit_net(tmp_path / "plain")
+        by_module = TrackerCallback("layer", _probe(), tmp_path / "run", module="net", prototypes=PROTOTYPES,
+                                    n_checkpoints=4)
+        tracked, trainer = _fit_net(tmp_path / "tracked", [by_module, NetSnapshots(tmp_path / "snapshots")])
+        by_path = TrackerCallback("net.layer", _probe(), tmp_path / "run2", prototypes=PROTOTYPES, n_checkpoints=4)
+        _fit_net(tmp_path / "tracked2", [by_path])
+    # Training is the same with and without the callback.
+    assert all(torch.equal(v, tracked.state_dict()[k]) for k, v in plain.state_dict().items())
+    store = RunStore.open(tmp_path / "run")
+    assert store.finished_steps() == log_schedule(OPTIMIZER_STEPS, 4) and store.final_step() == OPTIMIZER_STEPS
+    assert store.manifest["model"]["layer"] == "layer" and store.manifest["model"]["name"] == "TinyNet"
+    weights = store.read_weights()
+    assert weights.keys() == tracked.net.state_dict().keys()
+    # The records are the network's: post hoc tracking of its saved weights gives the same run...
+    truth = track_checkpoints(TinyNet(classes=3, width=4), "layer", _probe(),
+                              [(s, tmp_path / "snapshots" / f"step-{s}.pt") for s in store.finished_steps()],
+                              tmp_path / "posthoc", prototypes=PROTOTYPES)
+    _assert_same_run(store, truth)
+    # ... and naming it through the dotted layer path instead of module= does too.
+    _assert_same_run(RunStore.open(tmp_path / "run2"), store)
+
+
+def test_a_module_that_is_not_a_submodule_is_refused_at_fit_start(tmp_path):
+    _fit_expecting(ValueError, r"module='nett' is not a submodule of NetModule \(its submodules: 'net', 'drop'\)",
+                   tmp_path, TrackerCallback("layer", _probe(), tmp_path / "a", module="nett"), NetModule())
+    _fit_expecting(TypeError, r"NetModule defines no forward\(\)", tmp_path,
+                   TrackerCallback("layer", _probe(), tmp_path / "b"), NetModule())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_explicit_schedule_with_step_zero_records_the_untrained_model(tmp_path):
