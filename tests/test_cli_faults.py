@@ -302,3 +302,35 @@ def test_an_arm_that_beats_every_control_is_best():
     assert line.startswith("best arm      curated->full: 88.0 test pair confusions")
     loses_one = dict(wins, **{"hard->full": {"pair_confusions": {"mean": -1.0, "lo": -4.0, "hi": 2.0}}})
     assert i2x.apps.demo.summary_lines(_summary(loses_one, [0, 1, 2]))[-1].startswith("no arm won")
+
+
+# -- under load: the command line's threads ------------------------------------------------------
+
+
+def test_cli_threads_follow_the_idle_cores_and_leave_the_users_settings(monkeypatch):
+    import os
+
+    from i2x._internal import threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1.02)  # a neighbour keeps one of two cores busy
+    env: dict = {}
+    assert threads.configure_cli_threads(env) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1.9)  # alone: nothing changes
+    env = {}
+    assert threads.configure_cli_threads(env) == {} and env == {}
+    monkeypatch.setattr(threads, "idle_cores", lambda: 0.0)  # both cores busy: still one thread
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's wait policy wins
+    assert threads.configure_cli_threads(env) == {"OMP_NUM_THREADS": "1"} and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {"OMP_NUM_THREADS": "2"}  # and so does the user's thread count
+    assert threads.configure_cli_threads(env) == {} and env == {"OMP_NUM_THREADS": "2"}
+
+
+def test_idle_cores_reads_the_machine():
+    from i2x._internal.threads import idle_cores
+
+    idle = idle_cores(0.05)
+    import os
+
+    if os.path.exists("/proc/stat"):
+        assert idle is not None and 0.0 <= idle <= os.cpu_count()

@@ -291,18 +291,23 @@ def test_pictures_of_the_data_are_shown(run_dir, report):
 
 
 def test_overview_numbers(run_dir, report):
-    _, _, page = report
+    _, text, page = report
     rows = dict(page.tables["overview"][0])
     steps, probs, labels, _ = _stored_probs(run_dir)
     accuracy = float((probs[-1].argmax(1) == labels).double().mean())
-    assert rows["final probe accuracy"] == f"{100 * accuracy:.2f}%"
+    assert rows[f"probe accuracy (final checkpoint; {labels.numel()} train images)"] == f"{100 * accuracy:.2f}%"
+    # The test set leads, from the experiment's starting model, and says which set it is.
+    results = i2x.load_results(run_dir)
+    n_test = results["config"]["test_size"]
+    assert (f"Test set: accuracy <b>{100 * results['start']['accuracy']:.2f}%</b> on {n_test} test images"
+            in text)
     assert rows["checkpoints"] == f"{len(steps)}: steps " + ", ".join(map(str, steps))
     assert rows["probe"].startswith("300 samples, grid 7x7")
     # The most confused pair: the analysis' first pair (same ranking), with the hand-counted confusions.
     a, b = json.loads((run_dir / "analysis.json").read_text())["uncertainty"][0]["pair"]
     pred = probs[-1].argmax(1)
     ab, ba = int(((labels == a) & (pred == b)).sum()), int(((labels == b) & (pred == a)).sum())
-    assert rows["most confused pair (final checkpoint)"].startswith(f"{a} vs {b}: {ab + ba} confusions ({ab} + {ba})")
+    assert rows["most confused pair on the probe (final checkpoint)"].startswith(f"{a} vs {b}: {ab + ba} confusions ({ab} + {ba})")
 
 
 def test_experiment_table_is_the_results(run_dir, report):

@@ -32,6 +32,8 @@ __all__ = ["main", "build_parser"]
 
 # Each module registers its subcommands (``register(subparsers)``, ``set_defaults(handler=...)``).
 _COMMAND_MODULES = ("demo", "runs", "loop", "report", "explain", "bench")
+# Commands whose timings are the point (bench) or that do no torch work (info) keep the threads as they are.
+_KEEP_THREADS = ("bench", "info")
 # Errors of the input (exit 2) as opposed to failures of the work (exit 1).
 _INPUT_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _MAX_MESSAGE = 600
@@ -74,6 +76,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from i2x._internal.progress import configure
+
+    if "torch" not in sys.modules and args.command not in _KEEP_THREADS:
+        # Before torch starts its thread pools: on a machine others use, sleeping OpenMP threads and
+        # one per idle core (i2x._internal.threads; measured in benchmarks/RESULTS.md).
+        from i2x._internal.threads import configure_cli_threads
+
+        configure_cli_threads()
 
     configure(quiet=args.quiet or args.json)
     try:

@@ -239,19 +239,24 @@ def results_markdown(results: dict) -> str:
                          f"{e['pair_confusions_mean']:.1f}{pc_sd} | {e['a_as_b_mean']:.1f} | {e['b_as_a_mean']:.1f} |")
         elif results["arms"][arm].get("skipped"):
             lines.append(f"| {arm} | skipped: {results['arms'][arm]['skipped']} | | | | |")
+    done = [arm for arm in results["arms"] if arm in s]
+    one_seed = bool(done) and all(len(s[arm]["seeds"]) == 1 for arm in done)
+    # The gap column only where a clean reference gives one; no column left empty.
+    with_gap = any("gap_recovered" in s[arm] for arm in done)
     lines += ["",
-              "Paired differences (arm - reference) over seeds, mean [95% t-interval]; * = the interval excludes 0.",
+              "Paired differences (arm - reference) on the test set"
+              + (": one seed, so no interval (run more seeds to compare arms)." if one_seed else
+                 " over seeds, mean [95% t-interval]; * = the interval excludes 0."),
               "",
-              "| arm | reference | pair confusions | relative | accuracy (points) | gap recovered |",
-              "|---|---|---|---|---|---|"]
-    for arm in results["arms"]:
-        if arm not in s:
-            continue
+              "| arm | reference | pair confusions | relative | accuracy (points) |"
+              + (" gap recovered |" if with_gap else ""),
+              "|---|---|---|---|---|" + ("---|" if with_gap else "")]
+    for arm in done:
         for ref, c in s[arm]["comparisons"].items():
             rel = "-" if c["relative_pair_confusions"] is None else f"{100 * c['relative_pair_confusions']:+.1f}%"
-            gap = _interval(s[arm]["gap_recovered"], 2) if ref == "clean" and "gap_recovered" in s[arm] else ""
+            gap = _interval(s[arm]["gap_recovered"], 2) if ref == "clean" and "gap_recovered" in s[arm] else "-"
             lines.append(f"| {arm} | {ref} | {_interval(c['pair_confusions'])} | {rel} | "
-                         f"{_interval(c['accuracy_points'], 2)} | {gap} |")
+                         f"{_interval(c['accuracy_points'], 2)} |" + (f" {gap} |" if with_gap else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -135,11 +135,14 @@ def overview(r: LoadedRun) -> str:
             ["classes", f"{store.num_classes}: " + ", ".join(store.classes)],
             ["probe", f"{store.probe_size} samples, grid {'x'.join(map(str, store.grid or ())) or '-'}"],
             ["checkpoints", f"{len(r.steps)}: steps " + (", ".join(map(str, r.steps)) or "none")]]
+    split = m["dataset"].get("split", "?")
     if r.probs is not None:
         assert r.labels is not None  # load_run reads the probe first
         final = r.probs[-1]
-        rows.append(["final probe accuracy", f"{100 * float((final.argmax(1) == r.labels).double().mean()):.2f}%"])
-        rows.append(["most confused pair (final checkpoint)", most_confused(final, r.labels, store.classes)])
+        rows.append([f"probe accuracy (final checkpoint; {store.probe_size} {split} images)",
+                     f"{100 * float((final.argmax(1) == r.labels).double().mean()):.2f}%"])
+        rows.append(["most confused pair on the probe (final checkpoint)",
+                     most_confused(final, r.labels, store.classes)])
     targets = "yes" if r.targets is not None else (
         "nothing to curate" if (r.targets_note or "").startswith("nothing") else "no")
     stages = [("checkpoints", "yes" if r.steps else "no"), ("prototypes", "yes" if r.protos is not None else "no"),
@@ -148,7 +151,26 @@ def overview(r: LoadedRun) -> str:
               (f"experiment '{r.experiment}'", "yes" if r.results is not None else "no")]
     rows.append(["stages", ", ".join(f"{n}: {v}" for n, v in stages)])
     links = " ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS[1:])
-    return f"<nav>{links}</nav>" + _table(None, rows)
+    return f"<nav>{links}</nav>" + _test_headline(r) + _table(None, rows)
+
+
+def _test_headline(r: LoadedRun) -> str:
+    """The test set's numbers first, where the run holds them (the demo's evaluation, or the
+    experiment's starting model); every other number of the report is on the probe, a subset of
+    the training split, and says so."""
+    evaluation = None
+    if r.store.has("demo"):
+        evaluation = (r.store.read_json("demo") or {}).get("evaluation")
+    if evaluation is None and r.results is not None and r.results.get("start"):
+        start = r.results["start"]
+        evaluation = {"accuracy": start["accuracy"], "n": r.results["config"].get("test_size")}
+    if not evaluation or evaluation.get("n") is None:
+        return ('<p class="muted">No test-set evaluation in this run yet (<code>i2x experiment</code> or '
+                '<code>i2x demo</code> adds one): the numbers below are on the probe, images of the training '
+                'split.</p>')
+    return (f'<p class="headline">Test set: accuracy <b>{100 * evaluation["accuracy"]:.2f}%</b> on '
+            f'{int(evaluation["n"])} test images (the final model). The other numbers of this report are on the '
+            f'probe ({r.store.probe_size} images of the training split) unless they say otherwise.</p>')
 
 
 # ----------------------------------------------------------------------------------------------
