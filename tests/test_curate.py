@@ -815,7 +815,7 @@ def test_find_targets_needs_an_analysis(shortcut_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(shortcut_run["dir"], run_dir)
     (run_dir / "analysis.json").unlink()
-    with pytest.raises(ValueError, match="no analysis: run i2x.analyze"):
+    with pytest.raises(ValueError, match=r"no analysis: run `i2x analyze RUN` \(i2x.analyze\)"):
         i2x.find_targets(run_dir, shortcut_run["model"], shortcut_run["train"], pairs=[(0, 1)], save=False)
 
 

@@ -141,6 +141,13 @@ def test_corrupt_checkpoint_file(tmp_path):
     store.write_checkpoint(1, *_record(0))
     path = tmp_path / "run" / "checkpoints" / "step-000000001.safetensors"
     path.write_bytes(path.read_bytes()[:40])
+    # The hash recorded at write catches it first...
+    with pytest.raises(RunStoreError, match="step-000000001.safetensors changed after it was written"):
+        RunStore.open(tmp_path / "run").load_checkpoint(1)
+    # ...and a run written before hashes were recorded still gets a clear error from the reader.
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    del manifest["checkpoints"][0]["sha256"]
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunStoreError, match="is not a readable safetensors file"):
         RunStore.open(tmp_path / "run").load_checkpoint(1)
 
