@@ -465,3 +465,23 @@ def test_renders_in_chromium(report, tmp_path):
     assert bad == []
     screenshot = Image.open(shot)
     assert screenshot.format == "PNG" and screenshot.width > 0 and screenshot.height > 1000
+
+
+def test_the_page_is_navigable_and_the_cards_are_tables(run_dir, report):
+    """A table of contents whose every link lands on an element of the page, one short table per
+    prototype card, and the long parts collapsed (<details>) past the first few."""
+    import re
+
+    _, text, page = report
+    ids = set(re.findall(r'\sid="([^"]+)"', text))
+    anchors = re.findall(r'href="#([^"]+)"', text)
+    toc = text[text.index('<nav class="toc">'):text.index("</nav>")]
+    k = load_file(str(run_dir / "prototypes.safetensors"))["centroids"].shape[0]
+    assert all(f'href="#{sid}"' in toc for sid, _ in SECTIONS)
+    assert all(f'href="#prototype-{j}"' in toc for j in range(k))
+    assert anchors and set(anchors) <= ids, set(anchors) - ids
+    assert text.count('<table class="card">') == k
+    cards = [m.start() for m in re.finditer(r'<div class="proto" id="prototype-', text)]
+    if k > 4:  # past the first four, the cards sit inside one collapsed block
+        details = text.index("<details><summary>prototypes 4-")
+        assert all(pos > details for pos in cards[4:]) and all(pos < details for pos in cards[:4])

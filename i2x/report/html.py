@@ -37,7 +37,7 @@ def render_report(run, *, dataset=None, experiment: str = "experiment", progress
     store = open_run(run)
     label = str(store.path if isinstance(run, RunStore) else run)
     r = load_run(store, label, dataset, data_root, experiment)
-    parts = []
+    parts = [sections.contents(r)]
     for sid, title in bar(SECTIONS, desc="report", unit="section", enabled=progress):
         r.section = sid
         body = sections.BUILDERS[sid](r)
@@ -113,6 +113,12 @@ figure.tile {{ display: inline-block; margin: 0 .6em .6em 0; width: 96px; vertic
 figcaption {{ font-size: 11px; color: #555; word-wrap: break-word; }}
 .proto {{ border: 1px solid #e3e3e8; border-radius: 6px; padding: .5em .8em; margin: .6em 0; }}
 .proto img {{ image-rendering: pixelated; display: block; margin-top: .3em; }}
+.proto h4 {{ margin: .2em 0 .3em; }}
+table.card {{ margin: 0 0 .3em; }} table.card th {{ width: 9em; font-weight: normal; color: #555; }}
+nav.toc {{ border: 1px solid #e3e3e8; border-radius: 6px; padding: .5em 1em; }}
+nav.toc ol {{ margin: .3em 0 0; padding-left: 1.4em; }}
+details {{ margin: .6em 0; }} summary {{ cursor: pointer; color: #0645ad; }}
+.headline {{ font-size: 1.05em; }}
 .note {{ color: #8a5a00; background: #fff7e6; border-left: 4px solid #f0b000; padding: .3em .6em; }}
 code {{ background: #f2f2f2; padding: 0 .2em; border-radius: 3px; }}
 .muted {{ color: #666; font-size: 12px; }}

@@ -35,6 +35,7 @@ _N_TILES = 6          # CAM overlays per confused pair
 _N_BEFORE_AFTER = 4   # targets shown per curation strategy
 _N_TIMELINE_LINES = 6
 _N_TIMELINE_ROWS = 12
+_OPEN_CARDS = 4       # prototype cards shown open; the rest are collapsed under one <details>
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +151,19 @@ def overview(r: LoadedRun) -> str:
               ("final weights", "yes" if (store.path / "weights.safetensors").exists() else "no"),
               (f"experiment '{r.experiment}'", "yes" if r.results is not None else "no")]
     rows.append(["stages", ", ".join(f"{n}: {v}" for n, v in stages)])
-    links = " ".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS[1:])
-    return f"<nav>{links}</nav>" + _test_headline(r) + _table(None, rows)
+    return _test_headline(r) + _table(None, rows)
+
+
+def contents(r: LoadedRun) -> str:
+    """The page's table of contents: every section, and every prototype card under Prototypes."""
+    items = []
+    for sid, title in SECTIONS:
+        sub = ""
+        if sid == "prototypes" and r.protos is not None:
+            sub = " <span class=\"muted\">(" + " ".join(
+                f'<a href="#prototype-{j}">{j}</a>' for j in range(r.protos.n_prototypes)) + ")</span>"
+        items.append(f'<li><a href="#{sid}">{_e(title)}</a>{sub}</li>')
+    return '<nav class="toc"><b>Contents</b><ol>' + "".join(items) + "</ol></nav>"
 
 
 def _test_headline(r: LoadedRun) -> str:
@@ -226,18 +238,24 @@ def prototypes(r: LoadedRun) -> str:
         assert r.data_note is not None  # with prototypes, load_run loads the dataset or says why not
         parts.append(r.note(r.data_note))
     total = max(1, int(r.protos.assignment.numel()))
+    cards = []
     for j in range(k):
         top = [c for c in torch.argsort(presence[:, j], descending=True, stable=True).tolist() if presence[c, j] >= 0.1]
         in_classes = ", ".join(f"{_e(classes[c])} ({_pct(float(presence[c, j]))})" for c in top[:6]) or "none above 10%"
         role = roles.get(j, {"shared": [], "specialised": []})
-        lines = [f"{int(counts[j])} grid cells ({100 * int(counts[j]) / total:.1f}%); present in {in_classes}"]
+        facts = [("grid cells", f"{int(counts[j])} ({100 * int(counts[j]) / total:.1f}% of the probe's)"),
+                 ("present in", in_classes)]
         if role["shared"]:
-            lines.append("shared by " + ", ".join(map(_e, role["shared"])))
+            facts.append(("shared by", ", ".join(map(_e, role["shared"]))))
         if role["specialised"]:
-            lines.append("specialised in " + ", ".join(map(_e, role["specialised"])))
+            facts.append(("specialised in", ", ".join(map(_e, role["specialised"]))))
+        card = '<table class="card">' + "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in facts)
         strip = _exemplar_strip(r, j) if r.data is not None else ""
-        parts.append(f'<div class="proto" id="prototype-{j}"><b>prototype {j}</b> '
-                     f'<span class="muted">{"; ".join(lines)}</span>{strip}</div>')
+        cards.append(f'<div class="proto" id="prototype-{j}"><h4>prototype {j}</h4>{card}</table>{strip}</div>')
+    parts += cards[:_OPEN_CARDS]
+    if len(cards) > _OPEN_CARDS:
+        parts.append(f"<details><summary>prototypes {_OPEN_CARDS}-{k - 1}: {k - _OPEN_CARDS} more cards</summary>"
+                     + "\n".join(cards[_OPEN_CARDS:]) + "</details>")
     return "\n".join(parts)
 
 
@@ -252,11 +270,13 @@ def training(r: LoadedRun) -> str:
     steps, hard = confusion_matrices(r.store)
     _, accuracy = probe_accuracy(r.store)
     parts = ["<h3>Probe accuracy</h3>", _img(figures.accuracy_chart(steps, accuracy.tolist()), "probe accuracy"),
-             "<h3>Confusion matrices</h3><p>Per checkpoint, from the stored softmax of the probe images: row = true "
-             "class, column = predicted, each row scaled to its class's size. Then the final one with counts.</p>",
-             _img(figures.confusion_grid(steps, hard.numpy()), "confusion matrix per checkpoint"),
+             "<h3>Confusion matrices</h3><p>From the stored softmax of the probe images: row = true class, column "
+             "= predicted. The final checkpoint with counts; every checkpoint's (each row scaled to its class's "
+             "size) below it, collapsed.</p>",
              _img(figures.confusion_chart(hard[-1].numpy(), classes, f"final checkpoint (step {steps[-1]})"),
-                  "final confusion matrix")]
+                  "final confusion matrix"),
+             "<details><summary>the confusion matrix of every checkpoint</summary>"
+             + _img(figures.confusion_grid(steps, hard.numpy()), "confusion matrix per checkpoint") + "</details>"]
     parts.append("<h3>beta<sup>t</sup>: which prototype raised which class's confidence</h3>")
     if r.analysis is None:
         assert r.analysis_note is not None  # load_run says why there is no analysis
@@ -362,9 +382,13 @@ def uncertain(r: LoadedRun) -> str:
         if r.data_note is None:  # an analysis without prototypes: load_run loaded no dataset
             raise _missing_for_cams(r)
         parts.append(r.note(r.data_note))
-    for u in entries:
+    for i, u in enumerate(entries):
         pa, pb = (int(v) for v in u["pair"])
         flagged = a.flagged_prototypes(pa, pb)
+        if i == 1:  # the most confused pair open; the others collapsed, one summary line each
+            parts.append("<details><summary>the other pairs: " + ", ".join(
+                f"{_e(classes[int(v['pair'][0])])} vs {_e(classes[int(v['pair'][1])])}" for v in entries[1:])
+                + "</summary>")
         parts.append(f"<h3>{_e(classes[pa])} vs {_e(classes[pb])}</h3><p>{u['hard_confusions']} confusions at the "
                      f"final checkpoint among {u['n_samples']} probe images; regression {_e(u['regression'])}, score "
                      f"{_e(u['score'])}.</p>")
@@ -388,6 +412,8 @@ def uncertain(r: LoadedRun) -> str:
                            + (", target" if target else ""))
                 tiles.append(_tile(_cam_tile(r, row, ids), caption))
             parts.append('<div class="row">' + "".join(tiles) + "</div>")
+    if len(entries) > 1:
+        parts.append("</details>")
     return "\n".join(parts)
 
 
