@@ -83,14 +83,12 @@ def check_arms(arms, *, clean: bool = False, oracle: bool = False) -> list[str]:
     only when the experiment has a clean model / known regions for them. Called before any work."""
     if isinstance(arms, str) or not arms:
         raise ValueError(f"arms: expected a non-empty list of arm names, got {arms!r}")
-    arms = list(dict.fromkeys(arms))
-    for arm in arms:
-        arm_stages(arm)
-    if "clean" in arms and not clean:
+    stages = {arm: arm_stages(arm) for arm in dict.fromkeys(arms)}
+    if "clean" in stages and not clean:
         raise ValueError("arm 'clean' needs clean=(state_dict, clean_train_dataset)")
-    if any("oracle" in arm_stages(a) for a in arms) and not oracle:
+    if any("oracle" in s for s in stages.values()) and not oracle:
         raise ValueError("oracle arms need oracle=Targets of the known regions")
-    return arms
+    return list(stages)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -65,6 +65,7 @@ class LoadedRun:
     targets: Targets | None = None
     targets_note: str | None = None
     results: dict | None = None
+    test_evaluation: dict | None = None           # {"accuracy", "n"} of the final model on the test set
     labels: torch.Tensor | None = None            # the probe's true classes
     probe_indices: torch.Tensor | None = None     # the probe's positions in the dataset
     final_saliency: torch.Tensor | None = None    # [N, h, w] raw GradCAM at the last checkpoint
@@ -85,6 +86,17 @@ class LoadedRun:
         values = {"RUN": shlex.quote(self.label),
                   "DATA": shlex.quote(str(self.store.manifest["dataset"].get("name") or "NAME"))}
         return re.sub(r"\b(RUN|DATA)\b", lambda m: values[m.group(1)], text)
+
+
+def _test_evaluation(store: RunStore, results: dict | None) -> dict | None:
+    """The final model on the test set, where the run holds it: the demo's evaluation, else the
+    experiment's starting model (None: no test-set number in the run)."""
+    evaluation = (store.read_json("demo") or {}).get("evaluation") if store.has("demo") else None
+    if evaluation is None and results is not None and results.get("start"):
+        evaluation = {"accuracy": results["start"]["accuracy"], "n": results["config"].get("test_size")}
+    if not evaluation or evaluation.get("n") is None:
+        return None
+    return {"accuracy": float(evaluation["accuracy"]), "n": int(evaluation["n"])}
 
 
 def load_run(store: RunStore, label: str, dataset, data_root, experiment: str) -> LoadedRun:
@@ -113,6 +125,7 @@ def load_run(store: RunStore, label: str, dataset, data_root, experiment: str) -
         r.targets_note = f"nothing to curate: {one_line(e)}"
     with contextlib.suppress(FileNotFoundError):
         r.results = load_results(store, experiment)
+    r.test_evaluation = _test_evaluation(store, r.results)
     if dataset is not None:
         check_dataset_for_run(store, dataset)
         r.data = dataset

@@ -170,18 +170,13 @@ def _test_headline(r: LoadedRun) -> str:
     """The test set's numbers first, where the run holds them (the demo's evaluation, or the
     experiment's starting model); every other number of the report is on the probe, a subset of
     the training split, and says so."""
-    evaluation = None
-    if r.store.has("demo"):
-        evaluation = (r.store.read_json("demo") or {}).get("evaluation")
-    if evaluation is None and r.results is not None and r.results.get("start"):
-        start = r.results["start"]
-        evaluation = {"accuracy": start["accuracy"], "n": r.results["config"].get("test_size")}
-    if not evaluation or evaluation.get("n") is None:
+    evaluation = r.test_evaluation
+    if evaluation is None:
         return ('<p class="muted">No test-set evaluation in this run yet (<code>i2x experiment</code> or '
                 '<code>i2x demo</code> adds one): the numbers below are on the probe, images of the training '
                 'split.</p>')
     return (f'<p class="headline">Test set: accuracy <b>{100 * evaluation["accuracy"]:.2f}%</b> on '
-            f'{int(evaluation["n"])} test images (the final model). The other numbers of this report are on the '
+            f'{evaluation["n"]} test images (the final model). The other numbers of this report are on the '
             f'probe ({r.store.probe_size} images of the training split) unless they say otherwise.</p>')
 
 
