@@ -27,6 +27,7 @@ import torch
 
 from i2x._internal import progress as _progress
 from i2x._internal.checks import check_int
+from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import layer_output_shape
 from i2x._internal.weights import load_state_into
 from i2x.analysis import analyze
@@ -110,7 +111,8 @@ def _check_prototype_count(net, layer: str, train, probe_size: int, n_prototypes
 
 def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epochs: int = 4, probe_size: int = 2_000,
               n_prototypes: int = 16, lr: float | None = None, batch_size: int = 128, seed: int = 0,
-              dataset_record: dict | None = None, device=None, precision: str = "auto"):
+              dataset_record: dict | None = None, device=None, precision: str = "auto",
+              memory_budget: float | None = None):
     """Stages 1-2 on ``train``: build the model (seeded), train it with an online
     :class:`i2x.Tracker` (log-spaced checkpoints), fit the prototypes and keep the final weights.
 
@@ -130,7 +132,7 @@ def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epoch
     probe.dataset.update(dataset_record or {})
     steps = epochs * _steps_per_epoch(len(train), batch_size)
     tracker = Tracker(net, layer, probe, run_dir, planned_steps=steps, model_name=model, device=device,
-                      progress=True)
+                      progress=True, memory_budget=memory_budget)
     store = tracker.store
     assert store is not None  # one process: it is rank 0, which holds the run
     if store.has("prototypes") and store.has("weights") and store.stage("train") is not None:
@@ -151,10 +153,11 @@ def train_run(run_dir, train, *, model: str = "small-resnet", widths=None, epoch
 
 def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | None = None, root=None,
          arms=None, seeds: int | None = None, train_size: int | None = None, epochs: int | None = None,
-         device=None, precision: str = "auto", report: bool = True) -> dict:
+         device=None, precision: str = "auto", report: bool = True, memory_budget: float | None = None) -> dict:
     """The whole method on the default data (see the module docstring), resumable.
 
     quick: the small plan (under two minutes on 2 cores); full: every arm and 5 seeds.
+    memory_budget: MiB one explain or evaluation batch may use (default 256; docs/memory.md).
     arms / seeds / train_size / epochs override the plan; precision ("auto", "bf16", "fp32") is
     the training loop's, for the base model and every fine-tuning cell. Returns the summary dict (also
     written to ``FOLDER/demo.json``); :func:`summary_lines` turns it into the five lines."""
@@ -167,6 +170,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
                                  "epochs": epochs}
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     # Every option is checked before minutes of training: the demo has no clean model and no known regions.
+    check_memory_budget(memory_budget)
     try:
         check_arms(plan.arms)
     except ValueError as e:
@@ -191,14 +195,16 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
                   f"tracking {min(plan.probe_size, len(train))} probe images")
     store, model, _ = train_run(folder, train, epochs=epochs_needed, probe_size=plan.probe_size,
                                 n_prototypes=plan.n_prototypes, batch_size=plan.batch_size,
-                                dataset_record=record, device=device, precision=precision)
+                                dataset_record=record, device=device, precision=precision,
+                                memory_budget=memory_budget)
     lap("train")
 
     store = RunStore.open(folder)  # the stages below write through their own store objects
     previous = store.read_json("demo") if store.has("demo") else {}
     base = previous.get("evaluation")
     if base is None or base.get("n") != len(test):
-        base = evaluate(model, test, calibration_images(train), device=device, num_classes=train.num_classes)
+        base = evaluate(model, test, calibration_images(train), device=device, num_classes=train.num_classes,
+                        memory_budget=memory_budget)
     lap("evaluate")
 
     if not store.has("analysis"):
@@ -215,7 +221,8 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
             _progress.log(f"i2x demo: targets: the training samples of {pair_entry['names'][0]} vs "
                           f"{pair_entry['names'][1]} that rely on the flagged prototypes")
             try:
-                targets_summary = find_targets(store.path, model, train, device=device, progress=True).summary()
+                targets_summary = find_targets(store.path, model, train, device=device, progress=True,
+                                               memory_budget=memory_budget).summary()
             except NothingToCurate as e:
                 targets_summary = {"status": "nothing_to_curate", "message": str(e)}
         else:
@@ -230,7 +237,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         _progress.log(f"i2x demo: experiment: {len(plan.arms)} arms x {plan.seeds} seed(s), one epoch per stage")
         results = experiment(store.path, model, train, test, arms=plan.arms, seeds=plan.seeds,
                              batch_size=plan.batch_size, precision=precision, device=device, progress=True,
-                             log=lambda line: _progress.log(f"  {line}"))
+                             log=lambda line: _progress.log(f"  {line}"), memory_budget=memory_budget)
         lap("experiment")
 
     summary = {

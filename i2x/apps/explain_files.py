@@ -29,12 +29,14 @@ from torch import nn
 from i2x import ops
 from i2x._internal.checks import check_int, describe
 from i2x._internal.hashing import tensor_digest
+from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import choose_layer, resolve_layer
 from i2x._internal.weights import load_state_into, load_weights
 from i2x.analysis import load_analysis
 from i2x.analysis.readings import assignment_counts, class_presence
 from i2x.data import DATASET_INFO
 from i2x.explain import Explainer
+from i2x.explain.batching import explain_batch_size
 from i2x.models import build_arch, first_conv_channels
 from i2x.reference import CAM_METHODS
 from i2x.report import figures
@@ -49,7 +51,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 # torchvision's ImageNet weights expect these (used for a torchvision architecture without a run).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_OUT = "i2x-explain"
-_BATCH = 32
 _OVERLAY_ALPHA = 0.5
 _LIST_KEYS = 4  # how many mismatching weight names an error shows
 
@@ -363,14 +364,21 @@ def _overlay_names(files: list[Path]) -> list[str]:
     return names
 
 
-def explain_images(im: ImageModel, files: list[Path], out: Path | None, top: int = 5) -> list[dict]:
-    """One explanation dict per file (overlays written to ``out`` when given)."""
+def explain_images(im: ImageModel, files: list[Path], out: Path | None, top: int = 5, *,
+                   batch_size: int | None = None, memory_budget: float | None = None) -> list[dict]:
+    """One explanation dict per file (overlays written to ``out`` when given), ``batch_size``
+    files per forward (None: as many as ``memory_budget`` MiB hold, at most 256)."""
     top = check_int(top, "--top")
     explainer = Explainer(im.model, im.layer, im.method)
+    if batch_size is None:
+        batch = explain_batch_size(explainer, torch.zeros(im.channels, im.size, im.size), memory_budget,
+                                   in_flight=0, device=im.device)
+    else:
+        batch = check_int(batch_size, "--batch-size")
     names = _overlay_names(files)
     results = []
-    for start in range(0, len(files), _BATCH):
-        chunk = files[start:start + _BATCH]
+    for start in range(0, len(files), batch):
+        chunk = files[start:start + batch]
         loaded = [load_image(f, im.channels, im.size, im.mean, im.std) for f in chunk]
         x = torch.stack([t for t, _ in loaded]).to(im.device)
         grid, logits = explainer.explain(x, size=None, normalize=False, return_logits=True)
@@ -418,11 +426,15 @@ def _one(im: ImageModel, path: Path, rgb, grid, probs, top: int, structured: Seq
 
 def explain_files(weights, inputs, *, arch: str | None = None, run=None, layer: str | None = None,
                   out=DEFAULT_OUT, top: int = 5, size: int | None = None, device=None,
-                  method: str = "gradcam") -> dict:
+                  method: str = "gradcam", batch_size: int | None = None, memory_budget: float | None = None) -> dict:
     """Explain image files (or folders of them) with a model; writes ``OUT/<stem>.png`` overlays
     and ``OUT/explanations.json`` (``out=None``: nothing written). Returns that JSON's dict:
-    ``{"model": ..., "out": ..., "images": [...]}``."""
+    ``{"model": ..., "out": ..., "images": [...]}``. ``batch_size``: files per forward; None: as
+    many as ``memory_budget`` MiB hold (default 256 MiB, docs/memory.md)."""
     top = check_int(top, "--top")
+    if batch_size is not None:
+        check_int(batch_size, "--batch-size")
+    check_memory_budget(memory_budget, "--memory-budget")
     files = image_files(inputs)
     im = open_image_model(weights, arch=arch, run=run, layer=layer, size=size, device=device, method=method)
     folder = None if out is None else Path(out)
@@ -433,7 +445,8 @@ def explain_files(weights, inputs, *, arch: str | None = None, run=None, layer: 
         folder.mkdir(parents=True, exist_ok=True)
     try:
         result = {"model": im.describe(), "out": None if folder is None else str(folder),
-                  "images": explain_images(im, files, folder, top)}
+                  "images": explain_images(im, files, folder, top, batch_size=batch_size,
+                                                 memory_budget=memory_budget)}
         if folder is not None:
             atomic_write_bytes(folder / "explanations.json", (json.dumps(result, indent=2) + "\n").encode())
     except BaseException:

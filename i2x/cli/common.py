@@ -20,6 +20,13 @@ _common.add_argument("--json", action="store_true", help="print one JSON documen
 _common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
 
 
+def add_memory_budget(parser: argparse.ArgumentParser) -> None:
+    """``--memory-budget MIB``: what sizes every explain / evaluation batch the user does not set."""
+    parser.add_argument("--memory-budget", type=positive_float, default=None, metavar="MIB",
+                        help="MiB one explain or evaluation batch may use: the batch sizes follow from it and the "
+                             "image and model size (default 256; docs/memory.md)")
+
+
 def emit(args, data, text) -> None:
     """Print ``data`` as JSON with ``--json``, else ``text`` (a string, or a callable giving one)."""
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from i2x.cli.common import COMMON, device_name, emit, int_list, positive_float, positive_int
+from i2x.cli.common import COMMON, add_memory_budget, device_name, emit, int_list, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -32,6 +32,7 @@ def register(sub) -> None:
     demo.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                       help="the training loop's precision (auto: bfloat16 autocast where the CPU has it)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    add_memory_budget(demo)
     demo.set_defaults(handler=_demo)
 
     train = sub.add_parser("train", parents=[COMMON],
@@ -56,6 +57,7 @@ def register(sub) -> None:
     train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                        help="the training loop's precision (auto: bfloat16 autocast where the CPU has it)")
     train.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    add_memory_budget(train)
     train.set_defaults(handler=_train)
 
 
@@ -65,7 +67,7 @@ def _demo(args) -> int:
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
     summary = demo(args.folder, quick=args.quick, full=args.full, data=args.data, root=args.data_root, arms=arms,
                    seeds=args.seeds, train_size=args.train_size, epochs=args.epochs, device=args.device,
-                   precision=args.precision, report=not args.no_report)
+                   precision=args.precision, report=not args.no_report, memory_budget=args.memory_budget)
 
     def text() -> str:
         where = [f"run     {summary['run']}"]
@@ -92,9 +94,11 @@ def _train(args) -> int:
     store, model, layer = train_run(args.run, train, model=args.model, widths=args.widths, epochs=args.epochs,
                                     probe_size=args.probe_size, n_prototypes=args.n_prototypes, lr=args.lr,
                                     batch_size=args.batch_size, seed=args.seed, dataset_record=record,
-                                    device=args.device, precision=args.precision)
+                                    device=args.device, precision=args.precision,
+                                    memory_budget=args.memory_budget)
     test = load_dataset(args.data, root=args.data_root, train=False, size=args.size)
-    ev = evaluate(model, test, calibration_images(train), device=args.device, num_classes=train.num_classes)
+    ev = evaluate(model, test, calibration_images(train), device=args.device, num_classes=train.num_classes,
+                  memory_budget=args.memory_budget)
     data = {"run": str(store.path), "layer": layer, "checkpoints": store.finished_steps(),
             "test_accuracy": ev["accuracy"], "train_samples": len(train), "test_samples": len(test)}
     emit(args, data, f"i2x train: run {store.path}: {len(store.finished_steps())} checkpoints, prototypes, weights; "

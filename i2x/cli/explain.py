@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from i2x.cli.common import COMMON, device_name, positive_int
+from i2x.cli.common import COMMON, add_memory_budget, device_name, positive_int
 
 # Options of the second form only: given without --model they are a mistake, not ignored.
-_FILE_OPTIONS = ("arch", "run_dir", "layer", "out", "size", "device", "method")
+_FILE_OPTIONS = ("arch", "run_dir", "layer", "out", "size", "device", "method", "batch_size", "memory_budget")
 
 
 def register(sub) -> None:
@@ -46,6 +46,9 @@ def register(sub) -> None:
                    help="model input size in px (default: the run's dataset, 28 for small-resnet, else 224)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--method", default=None, help="gradcam (default), gradcam++, xgradcam, layercam, hirescam")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="image files per forward (default: as many as --memory-budget holds, at most 256)")
+    add_memory_budget(p)
     p.set_defaults(handler=run)
 
 
@@ -56,7 +59,8 @@ def run(args) -> int:
 
 
 def _explain_probe_sample(args) -> int:
-    given = [f"--{name.replace('run_dir', 'run')}" for name in _FILE_OPTIONS if getattr(args, name) is not None]
+    given = [f"--{name.replace('run_dir', 'run').replace('_', '-')}" for name in _FILE_OPTIONS
+             if getattr(args, name) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --model WEIGHTS (explaining image files); "
                          "RUN INDEX explains a probe sample of the run")
@@ -82,7 +86,8 @@ def _explain_files(args) -> int:
 
     result = explain_files(args.weights, args.items, arch=args.arch, run=args.run_dir, layer=args.layer,
                            out=args.out or Path(DEFAULT_OUT), top=args.top, size=args.size, device=args.device,
-                           method=args.method or "gradcam")
+                           method=args.method or "gradcam", batch_size=args.batch_size,
+                           memory_budget=args.memory_budget)
     print(json.dumps(result, indent=2) if args.json else format_explanations(result, args.top))
     return 0
 

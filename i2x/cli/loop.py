@@ -8,6 +8,7 @@ import sys
 
 from i2x.cli.common import (
     COMMON,
+    add_memory_budget,
     add_model_data_options,
     check_grid,
     class_index,
@@ -38,7 +39,8 @@ def register(sub) -> None:
                         metavar="KEY=VALUE",
                         help="an option of the target rule (repeatable): kinds=ambivalent,decisive "
                         "score=mass|top cam=pair|true top_q=0.2 weight=none|margin|error threshold=otsu|0.3 "
-                        "max_fraction=0.5 batch_size=256")
+                        "max_fraction=0.5 batch_size=N (default: from --memory-budget)")
+    add_memory_budget(curate)
     curate.set_defaults(handler=_curate)
 
     exp = sub.add_parser("experiment", parents=[COMMON],
@@ -62,6 +64,7 @@ def register(sub) -> None:
                      help="the fine-tuning loop's precision (auto: bfloat16 autocast where the CPU has it)")
     exp.add_argument("--name", type=plain_name, default="experiment",
                      help="the experiment's folder in the run: letters, digits, '_', '-' (default experiment)")
+    add_memory_budget(exp)
     exp.set_defaults(handler=_experiment)
 
 
@@ -81,7 +84,7 @@ def _rule_options(pairs: list[tuple[str, str]]) -> dict:
                 options[key] = value if value == "otsu" else float(value)
             elif isinstance(default, (bool, str)):
                 options[key] = value
-            elif isinstance(default, int):
+            elif key == "batch_size" or isinstance(default, int):
                 options[key] = int(value)
             else:
                 options[key] = float(value)
@@ -110,7 +113,8 @@ def _curate(args) -> int:
     check_grid(model, store, train, args.device)
     try:
         targets = find_targets(store, model, train, pairs=[pair] if pair is not None else None,
-                               prototypes=args.prototypes, device=args.device, **options)
+                               prototypes=args.prototypes, device=args.device,
+                               memory_budget=args.memory_budget, **options)
     except NothingToCurate as e:
         if pair is None:
             first = (store.read_json("analysis").get("uncertainty") or [{}])[0].get("pair")
@@ -185,7 +189,8 @@ def _experiment(args) -> int:
         results = experiment(store, model, train, test, arms=arms, seeds=args.seeds,
                              epochs_per_stage=args.epochs_per_stage, lr=args.lr, batch_size=args.batch_size,
                              perturb_mode=args.perturb_mode, penalty_weight=args.penalty_weight,
-                             precision=args.precision, device=args.device, name=args.name, log=log)
+                             precision=args.precision, device=args.device, name=args.name, log=log,
+                             memory_budget=args.memory_budget)
     except KeyboardInterrupt:
         print(f"i2x experiment: interrupted; the finished cells are in {store.path / args.name / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from i2x.cli.common import (
     COMMON,
+    add_memory_budget,
     device_name,
     emit,
     finite_float,
@@ -34,7 +35,9 @@ def register(sub) -> None:
     track.add_argument("--layer", default=None, help="target layer (default: the model's)")
     track.add_argument("--probe-size", type=positive_int, default=10_000, help="stratified probe size (default 10000)")
     track.add_argument("--probe-seed", type=int, default=0, help="seed of the probe's stratified draw")
-    track.add_argument("--batch-size", type=positive_int, default=256, help="probe images per explain batch")
+    track.add_argument("--batch-size", type=positive_int, default=None,
+                       help="probe images per explain batch (default: as many as --memory-budget holds, at most 256)")
+    add_memory_budget(track)
     track.add_argument("--method", default="gradcam",
                        help="gradcam, gradcam++, xgradcam, layercam or hirescam (default gradcam)")
     track.add_argument("--recalibrate-bn", type=non_negative_int, default=512,
@@ -98,7 +101,7 @@ def _track(args) -> int:
     store = track_checkpoints(
         model, args.layer or default_layer, probe, args.checkpoints, args.run, prototypes=prototypes,
         batch_size=args.batch_size, method=args.method, device=args.device, model_name=args.model,
-        recalibrate_bn=args.recalibrate_bn, progress=True,
+        recalibrate_bn=args.recalibrate_bn, progress=True, memory_budget=args.memory_budget,
     )
     assert store is not None  # one process: it is rank 0, which holds the run
     data = {"run": str(store.path), "checkpoints": store.finished_steps(), "prototypes": store.has("prototypes")}

@@ -35,6 +35,7 @@ from torch import nn
 
 from i2x._internal.checks import check_plain_name, describe
 from i2x._internal.hashing import state_digest, tensor_digest
+from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import unwrap_model
 from i2x.data import labels_of
 from i2x.explain.explainer import Explainer
@@ -368,6 +369,7 @@ def experiment(
     name: str = "experiment",
     progress: bool = False,
     log=None,
+    memory_budget: float | None = None,
 ) -> dict:
     """Run (or resume) the arms x seeds of fine-tuning and write ``RUN/<name>/results.json`` + ``.md``.
 
@@ -382,11 +384,14 @@ def experiment(
         oracle: Targets built from known regions; ``oracle_strategy`` is what the oracle arm does with them.
         clean: ``(state_dict, clean_train_dataset)`` for the ``clean`` arm.
         log: a callable taking a line of progress text (default: silent).
+        memory_budget: MiB one evaluation batch may use (default 256; docs/memory.md). The
+            training batch is ``batch_size``: part of the recipe, never sized by memory.
 
     Arms that need targets are skipped, with the reason in the results, when the run has none to
     curate (no flagged prototype). Returns the results dict (also on disk).
     """
     name = check_plain_name(name, "name")  # a folder of the run, never a path outside it
+    check_memory_budget(memory_budget)
     store = open_run(run)
     store.lock_for_writing()  # results.json is written beside the store's own files
     if not isinstance(model, nn.Module):
@@ -442,7 +447,8 @@ def experiment(
             results["arms"][arm]["skipped"] = skip_reason
     calibration = calibration_images(train_dataset)
     if results.get("start") is None:
-        results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device, num_classes=m), a, b)
+        results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device, num_classes=m,
+                                                              memory_budget=memory_budget), a, b)
     _write(folder, results)
 
     builder = _Arms(train_dataset, targets, oracle, oracle_strategy, perturb_mode)
@@ -472,7 +478,8 @@ def experiment(
                 _write(folder, results)
                 say(f"{arm}: skipped ({e})")
                 continue
-            cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m), a, b)
+            cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m,
+                                             memory_budget=memory_budget), a, b)
             cell["seconds"] = time.perf_counter() - began
             cell["fit"] = fit_stats
             entry["seeds"][str(seed)] = cell

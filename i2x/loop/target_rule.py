@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from i2x._internal.checks import check_int, check_number, describe
+from i2x._internal.memory import auto_batch_size, check_memory_budget
 from i2x._internal.modules import eval_mode, run_device, unwrap_model
 from i2x._internal.profiling import profiled
 from i2x._internal.progress import bar
@@ -34,7 +35,7 @@ from i2x.loop.targets import TARGETS_SCHEMA, NothingToCurate, Targets, save_targ
 from i2x.store import RunStore, open_run
 from i2x.track.batchnorm import calibration_rows, recalibrated_batchnorm
 from i2x.track.prototypes import read_prototypes
-from i2x.track.streamed import batches_at, images_at
+from i2x.track.streamed import batches_at, holds_tensors, images_at
 
 __all__ = ["TARGET_DEFAULTS", "check_target_options", "find_targets", "otsu_threshold", "separability"]
 
@@ -50,7 +51,7 @@ TARGET_DEFAULTS: dict = {
     "min_separability": 0.85, # Otsu's separability (between-class / total variance) a prototype needs ("separable")
     "threshold": "otsu",      # "otsu" (split of the pair's scores) or a float in [0, 1]
     "max_fraction": 0.5,      # never more than this share of the pair's samples
-    "batch_size": 256,
+    "batch_size": None,       # images per explain batch; None: as many as find_targets' memory_budget holds
 }
 SCORES = ("mass", "top")
 SELECTS = ("separable", "union")
@@ -115,7 +116,7 @@ def check_target_options(options: dict) -> dict:
     o["min_separability"] = check_number(o["min_separability"], "min_separability", 0, 1)
     for name in ("top_q", "max_fraction"):
         o[name] = check_number(o[name], name, 0, 1, low_open=True)
-    o["batch_size"] = check_int(o["batch_size"], "batch_size")
+    o["batch_size"] = None if o["batch_size"] is None else check_int(o["batch_size"], "batch_size")
     return o
 
 
@@ -129,7 +130,8 @@ def _flagged(analysis, a: int, b: int, kinds, prototypes) -> list[dict]:
 @profiled("i2x::find_targets")
 def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: Sequence[int] | None = None,
                  device=None, progress: bool = False, save: bool = True, probe_dataset=None, *,
-                 num_workers: int = 0, pin_memory: bool = False, **options) -> Targets:
+                 num_workers: int = 0, pin_memory: bool = False, memory_budget: float | None = None,
+                 **options) -> Targets:
     """Score every training sample of a confused pair and choose the targets.
 
     Args:
@@ -149,6 +151,8 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
             calibration images (default: ``train_dataset``; give it when the probe came from another split).
         num_workers, pin_memory: the DataLoader's, for reading ``train_dataset`` (and
             ``probe_dataset``).
+        memory_budget: MiB one scoring batch may use when the ``batch_size`` option is None (the
+            default: 256 MiB, docs/memory.md).
         options: the rule (:data:`TARGET_DEFAULTS`): kinds, select, min_separability, score,
             cam, top_q, weight, threshold, max_fraction, batch_size.
 
@@ -157,6 +161,7 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
         ValueError: the run lacks prototypes or an analysis, or the model / dataset do not match it.
     """
     o = check_target_options(options)
+    check_memory_budget(memory_budget)
     store = open_run(run)
     if save:
         store.lock_for_writing()  # refuse now, not after scoring, when another process writes the run
@@ -196,8 +201,18 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
 
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("share", "margin", "pred", "assignment")}
     bar = _progress(rows.numel(), progress, f"targets for {_pair_label(store, a, b)}")
+    if o["batch_size"] is None:  # sized on the scoring step itself: it keeps the whole graph for two classes
+        def step(x: torch.Tensor) -> None:
+            _score_batch(explainer, protos, x, torch.full((x.shape[0],), a, device=device), a, b, ids.to(device), o,
+                         None)
+
+        with eval_mode(module):
+            batch_size = auto_batch_size(step, images_at(train_dataset, rows[:1])[0].to(device), memory_budget,
+                                         in_flight=0 if holds_tensors(train_dataset) else 2 * workers)
+    else:
+        batch_size = o["batch_size"]
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module):
-        for start, x in batches_at(train_dataset, rows, o["batch_size"], **reading):
+        for start, x in batches_at(train_dataset, rows, batch_size, **reading):
             y = labels[rows[start:start + x.shape[0]]]
             res = _score_batch(explainer, protos, x.to(device), y.to(device), a, b, ids.to(device), o, grid)
             for k, v in res.items():

@@ -25,9 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from i2x._internal.checks import check_int, check_number, describe
+from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import checked_forward, eval_mode, run_device, unwrap_model
 from i2x._internal.progress import bar as progress_bar
 from i2x.data import batch_of, labels_of
+from i2x.explain.batching import forward_batch_size
 from i2x.loop.penalty import ExplanationPenalty
 from i2x.loop.strategies import epoch_permutation
 from i2x.track.batchnorm import calibration_rows, recalibrated_batchnorm
@@ -322,10 +324,16 @@ def train(model: nn.Module, data, epochs: int, lr: float = TRAIN_LR, *, batch_si
                channels_last=channels_last, device=device, on_step=on_step, progress=progress)
 
 
-def evaluate(model: nn.Module, data, calibration: torch.Tensor | None = None, batch_size: int = 512,
-             device=None, num_classes: int | None = None) -> dict:
+def _first_image(data) -> torch.Tensor:
+    return batch_of(data, torch.zeros(1, dtype=torch.int64))[0]
+
+
+def evaluate(model: nn.Module, data, calibration: torch.Tensor | None = None, batch_size: int | None = None,
+             device=None, num_classes: int | None = None, memory_budget: float | None = None) -> dict:
     """Accuracy of ``model`` on ``data`` in eval mode, float32, with BatchNorm statistics recomputed
     on ``calibration`` images first (and put back afterwards; None: the model's own).
+    ``batch_size``: images per forward; None: as many as ``memory_budget`` MiB hold (default 256
+    MiB, at most 256 images; docs/memory.md).
 
     Returns ``{"accuracy", "per_class" [M], "confusion" [M][M] (rows: true, columns: predicted),
     "n"}`` with plain Python numbers.
@@ -333,9 +341,13 @@ def evaluate(model: nn.Module, data, calibration: torch.Tensor | None = None, ba
 
     module = unwrap_model(model)
     device = run_device(module, device)
-    batch_size = check_int(batch_size, "batch_size")
     if len(data) == 0:
         raise ValueError("data: the evaluation set is empty")
+    check_memory_budget(memory_budget)
+    if batch_size is None:  # a DataLoader brings its own batches
+        batch_size = 1 if isinstance(data, DataLoader) else forward_batch_size(
+            module, _first_image(data), memory_budget, in_flight=0, device=device)
+    batch_size = check_int(batch_size, "batch_size")
     preds, labels = [], []
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module), torch.no_grad():
         for _, x, y in _epoch_batches(data, None, None, batch_size, 0, 0, shuffle=False):

@@ -42,6 +42,7 @@ from torch import nn
 
 from i2x import ops
 from i2x._internal.checks import check_int, check_number, describe
+from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import (
     eval_mode,
     find_last_spatial_layer,
@@ -51,6 +52,7 @@ from i2x._internal.modules import (
 from i2x._internal.profiling import profiled
 from i2x._internal.progress import bar as _bar
 from i2x._internal.tensors import as_grid
+from i2x.explain.batching import forward_batch_size
 from i2x.store import RunStoreError
 from i2x.track.streamed import StreamedImages, batches_at, iter_batches
 
@@ -227,9 +229,10 @@ def layer_features(
     model: nn.Module,
     layer,
     images,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device=None,
     reshape: Callable | None = None,
+    memory_budget: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """The target layer's output for the probe images, batch by batch.
 
@@ -241,7 +244,8 @@ def layer_features(
             4-D output larger than 1 x 1 (as ``Explainer``).
         images: ``[N, ...]`` tensor, or a dataset (``len`` + indexing) whose items are image
             tensors or tuples starting with one (``(image, label)``).
-        batch_size: images per forward.
+        batch_size: images per forward; None: as many as ``memory_budget`` MiB hold (default 256
+            MiB; at most 256 images, docs/memory.md).
         device: where the forward runs; None: the device of the model's first parameter (CPU
             for a model without any).
         reshape: callable turning the layer's output into ``[B, C, h, w]`` (``i2x.vit_reshape``).
@@ -252,12 +256,17 @@ def layer_features(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    batch_size = check_int(batch_size, "batch_size")
+    if batch_size is not None:
+        batch_size = check_int(batch_size, "batch_size")
+    check_memory_budget(memory_budget)
     if reshape is not None and not callable(reshape):
         raise TypeError(f"reshape must be callable or None, got {type(reshape).__name__}")
     source = _ImageSource(images)
     resolved = None if layer is None else resolve_layer(model, layer)
     target = run_device(model, device)
+    if batch_size is None:
+        batch_size = forward_batch_size(model, source.first(), memory_budget, in_flight=source.in_flight,
+                                        device=target) if len(source) else 1
     return _layer_feature_batches(model, resolved, source, batch_size, target, reshape)
 
 
@@ -308,6 +317,21 @@ class _ImageSource:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def in_flight(self) -> int:
+        """Input batches a DataLoader holds besides the one in use (two per worker)."""
+        return 2 * self.images.num_workers if isinstance(self.images, StreamedImages) else 0
+
+    def first(self) -> torch.Tensor:
+        """The first image ``[C, H, W]`` (sizes the default batch)."""
+        item = self.images[0]
+        if isinstance(item, (tuple, list)) and item:
+            item = item[0]
+        if not isinstance(item, torch.Tensor):
+            raise TypeError("images[0] must be an image tensor (or a tuple starting with one), "
+                            f"got {type(item).__name__}")
+        return item
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The images in order, ``batch_size`` at a time. A streamed probe or a torch Dataset is
@@ -433,15 +457,21 @@ def discover_prototypes(
     model: nn.Module,
     layer,
     images,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device=None,
     reshape: Callable | None = None,
+    memory_budget: float | None = None,
     **fit_options,
 ) -> Prototypes:
     """Prototypes of ``model`` at ``layer`` over the probe ``images``: ``layer_features`` (see
     there for the arguments) streamed into ``fit_prototypes`` (``fit_options``). The model runs
     twice over the images, so no more than one batch of raw features is ever held."""
-    layer_features(model, layer, images, batch_size, device, reshape)  # checks the arguments now
+    if batch_size is None and len(images):  # sized once: both passes batch alike
+        target = run_device(model, device)
+        source = _ImageSource(images)
+        batch_size = forward_batch_size(model, source.first(), memory_budget, in_flight=source.in_flight,
+                                        device=target)
+    layer_features(model, layer, images, batch_size, device, reshape, memory_budget)  # checks the arguments now
     return fit_prototypes(lambda: layer_features(model, layer, images, batch_size, device, reshape), **fit_options)
 
 

@@ -35,9 +35,11 @@ from torch import nn
 
 from i2x._internal import progress as _progress
 from i2x._internal.checks import check_int, describe
+from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import eval_mode, run_device, unwrap_model
 from i2x._internal.profiling import profiled
 from i2x.data import labels_of, stratified_subset
+from i2x.explain.batching import explain_batch_size
 from i2x.explain.explainer import Explainer
 from i2x.store.runstore import RunStore, RunStoreError
 from i2x.track.batchnorm import calibration_rows, recalibrated_batchnorm
@@ -232,22 +234,23 @@ def record_checkpoint(
     explainer: Explainer,
     images: torch.Tensor,
     labels: torch.Tensor,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     calibration: torch.Tensor | None = None,
+    memory_budget: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw GradCAM grids of the true class and softmax for ``images`` in eval mode.
 
     ``calibration``: images on which BatchNorm running statistics are recomputed first (see
-    :func:`recalibrated_batchnorm`); None keeps the model's own.
+    :func:`recalibrated_batchnorm`); None keeps the model's own. ``batch_size``: images per
+    explain call; None: as many as ``memory_budget`` MiB hold (default 256 MiB, docs/memory.md).
 
     Returns ``(saliency [N, h, w] float32, probs [N, M] float32)`` on the CPU. The model's modes
     (and BatchNorm statistics) are restored afterwards; no parameter's ``.grad`` is touched.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     model = explainer.model
     device = run_device(model, device)
+    batch_size = probe_batch_size(explainer, images, batch_size, memory_budget, device)
     with recalibrated_batchnorm(model, calibration, device):
         return _explain_eval(explainer, images, labels, batch_size, device)
 
@@ -264,6 +267,19 @@ def _explain_eval(explainer, images, labels, batch_size, device):
     if not saliency:
         raise ValueError("record_checkpoint: no images to explain")
     return torch.cat(saliency), torch.cat(probs)
+
+
+def probe_batch_size(explainer: Explainer, images, batch_size: int | None, memory_budget: float | None,
+                     device) -> int:
+    """``batch_size`` checked, or (None) the explain batch that fits ``memory_budget``: a streamed
+    probe also holds its DataLoader's prefetched batches (two per worker)."""
+    if batch_size is not None:
+        return check_int(batch_size, "batch_size")
+    check_memory_budget(memory_budget)
+    if not len(images):
+        return 1
+    in_flight = 2 * images.num_workers if isinstance(images, StreamedImages) else 0
+    return explain_batch_size(explainer, images, memory_budget, in_flight=in_flight, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +355,10 @@ class Tracker:
         n_checkpoints: how many log-spaced checkpoints the default schedule has (12).
         first_step: where the default schedule starts (default: 1% of ``planned_steps``).
         method: the CAM method (``gradcam``, as in the paper).
-        batch_size: probe batch size while recording.
+        batch_size: probe images per explain batch while recording (and prototype discovery).
+            None (default): as many as ``memory_budget`` holds, at most 256 (docs/memory.md).
+        memory_budget: MiB one recording batch may use (activations, gradients, the input batch
+            and a loader's prefetched ones). Default 256.
         device: where the probe is explained (default: the model's device).
         model_name: recorded in the run (default: the model's class name).
         classes: class names, when ``probe`` is an ``(images, labels)`` pair.
@@ -361,17 +380,20 @@ class Tracker:
         n_checkpoints: int = DEFAULT_CHECKPOINTS,
         first_step: int | None = None,
         method: str = "gradcam",
-        batch_size: int = 256,
+        batch_size: int | None = None,
         device: torch.device | str | None = None,
         model_name: str | None = None,
         classes: Sequence[str] | None = None,
         reshape=None,
         recalibrate_bn: int | None = 512,
         progress: bool = False,
+        memory_budget: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_int(batch_size, "batch_size")
+        if batch_size is not None:
+            check_int(batch_size, "batch_size")
+        check_memory_budget(memory_budget)
         if schedule is None:
             if planned_steps is None:
                 raise ValueError("give planned_steps (the loop's total steps) for the default log-spaced "
@@ -391,7 +413,8 @@ class Tracker:
         if layer_name is None:
             raise ValueError("layer: the tracker needs the target layer named (a name or a module), not None")
         self.layer = layer_name
-        self.batch_size = batch_size
+        self.batch_size = probe_batch_size(self.explainer, self.probe.images, batch_size, memory_budget, device)
+        self.memory_budget = memory_budget
         self.device = device
         self.progress = progress
         self.rank, self.world = _dist_context()
@@ -404,7 +427,7 @@ class Tracker:
         if recalibrate_bn is not None:
             check_int(recalibrate_bn, "recalibrate_bn", 0)
         self.calibration = self._calibration_images(recalibrate_bn or 0)
-        options = {"batch_size": batch_size, "method": method, "world_size": self.world,
+        options = {"batch_size": self.batch_size, "method": method, "world_size": self.world,
                    "recalibrate_bn": int(self.calibration.shape[0]) if self.calibration is not None else 0}
         self.store = self._open_store(model_info, schedule_info, options)
         self.finished = set(self.store.finished_steps()) if self.store is not None else set()

@@ -1,0 +1,174 @@
+"""Default batch sizes from a memory budget (i2x._internal.memory, i2x.explain.batching).
+
+The truths: bytes of tensors computed by hand; the batch a known cost and budget give, worked out
+here; and the process's own peak resident memory (VmHWM) while a record runs, in a subprocess,
+against the budget it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from i2x._internal.memory import (
+    DEFAULT_MEMORY_BUDGET_MIB,
+    MAX_AUTO_BATCH,
+    SCRATCH_FLOOR_MIB,
+    SCRATCH_SHARE,
+    auto_batch_size,
+    check_memory_budget,
+    peak_tensor_bytes,
+)
+
+MIB = 2**20
+
+
+def test_peak_tensor_bytes_counts_what_is_alive_at_once():
+    def fn():
+        a = torch.empty(1000)            # 4,000 bytes
+        b = torch.empty(500)             # + 2,000 = 6,000 alive
+        del a                            # 2,000
+        c = torch.empty(250, dtype=torch.float64)  # + 2,000 = 4,000
+        return b, c
+
+    assert peak_tensor_bytes(fn) == 6000
+
+
+def test_peak_tensor_bytes_ignores_views_and_in_place_ops():
+    def fn():
+        a = torch.zeros(1000)
+        a.add_(1)                        # same storage
+        v = a[10:20]                     # a view: no new storage
+        return v.sum()                   # a 0-d result: 4 bytes
+
+    assert peak_tensor_bytes(fn) == 4004
+
+
+def test_auto_batch_size_matches_the_hand_computed_fit():
+    image = torch.zeros(1, 64, 64)       # 16 KiB
+    per_tensor = 8 * image.numel() * 4   # step makes eight copies of each image
+    step = lambda x: x.repeat(1, 8, 1, 1)  # noqa: E731
+    budget = 64.0
+    usable = (budget - SCRATCH_FLOOR_MIB) * MIB
+    per_image = per_tensor * (1 + SCRATCH_SHARE) + image.numel() * 4 * (1 + 2)
+    expected = math.floor(usable / per_image)
+    assert auto_batch_size(step, image, budget, in_flight=2) == expected
+    # A reserve comes off the budget; a batch never goes below 1 or above the cap.
+    reserve = 20 * MIB
+    assert auto_batch_size(step, image, budget, in_flight=2, reserve_bytes=reserve) == math.floor(
+        (usable - reserve) / per_image)
+    assert auto_batch_size(step, image, SCRATCH_FLOOR_MIB + 0.1) == 1
+    assert auto_batch_size(lambda x: x * 2, torch.zeros(1, 4, 4), 1024.0) == MAX_AUTO_BATCH
+
+
+def test_a_pass_that_cannot_be_measured_is_sized_from_its_input_with_a_warning():
+    def step(x):
+        raise RuntimeError("not under a dispatch mode")
+
+    with pytest.warns(RuntimeWarning, match="could not measure"):
+        batch = auto_batch_size(step, torch.zeros(3, 224, 224), 256.0)
+    per_image = 32 * 3 * 224 * 224 * 4 * (1 + SCRATCH_SHARE) + 3 * 224 * 224 * 4 * 2
+    assert batch == math.floor((256 - SCRATCH_FLOOR_MIB) * MIB / per_image)
+
+
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-5, ValueError), (float("nan"), ValueError),
+                                       (float("inf"), ValueError), ("256", TypeError), (True, TypeError)])
+def test_a_bad_budget_is_refused_naming_it(bad, error):
+    with pytest.raises(error, match="memory_budget"):
+        check_memory_budget(bad)
+    assert check_memory_budget(None) == DEFAULT_MEMORY_BUDGET_MIB
+
+
+def test_small_images_batch_as_before():
+    """A 28 px probe on the small ResNet fits 256 images in the default budget: the old default."""
+    import i2x
+
+    model, layer = i2x.build_model("small-resnet", 10, in_channels=1)
+    tracker_images = torch.randn(300, 1, 28, 28)
+    from i2x.explain.batching import explain_batch_size, forward_batch_size
+
+    explainer = i2x.Explainer(model, layer)
+    assert explain_batch_size(explainer, tracker_images) == 256
+    assert forward_batch_size(model, tracker_images) == 256
+
+
+def test_the_batch_grows_with_the_budget_and_shrinks_with_the_image():
+    import i2x
+    from i2x.explain.batching import explain_batch_size
+
+    model, layer = i2x.build_model("small-resnet", 10, in_channels=3)
+    explainer = i2x.Explainer(model, layer)
+    small = explain_batch_size(explainer, torch.randn(3, 96, 96), 64)
+    large = explain_batch_size(explainer, torch.randn(3, 96, 96), 256)
+    bigger_images = explain_batch_size(explainer, torch.randn(3, 192, 192), 256)
+    assert 1 <= small < large < MAX_AUTO_BATCH
+    assert bigger_images < large
+    # Four times the pixels: about a quarter of the images (the reserve is the same).
+    assert large / bigger_images == pytest.approx(4, rel=0.35)
+
+
+def test_the_tracker_records_its_chosen_batch_and_takes_a_given_one(tmp_path):
+    import i2x
+
+    model, layer = i2x.build_model("small-resnet", 3, in_channels=3)
+    images, labels = torch.randn(40, 3, 64, 64), torch.arange(40) % 3
+    auto = i2x.Tracker(model, layer, (images, labels), tmp_path / "auto", schedule=[1], memory_budget=32)
+    given = i2x.Tracker(model, layer, (images, labels), tmp_path / "given", schedule=[1], batch_size=7)
+    assert given.batch_size == 7
+    assert 1 <= auto.batch_size < MAX_AUTO_BATCH
+    assert auto.store.manifest["options"]["batch_size"] == auto.batch_size
+    with pytest.raises(ValueError, match="memory_budget"):
+        i2x.Tracker(model, layer, (images, labels), tmp_path / "bad", schedule=[1], memory_budget=0)
+
+
+def test_evaluate_with_a_default_batch_gives_the_same_numbers(tmp_path):
+    import i2x
+    from i2x.loop.training import evaluate
+
+    model, _ = i2x.build_model("small-resnet", 4, in_channels=1)
+    data = i2x.data.ImageDataset(torch.randn(70, 1, 28, 28), torch.arange(70) % 4, list("abcd"), "custom", "test")
+    assert evaluate(model, data, batch_size=7) == evaluate(model, data)
+
+
+_RECORD = textwrap.dedent("""
+    import json, sys, torch, torchvision
+    import i2x
+    from i2x.apps.bench import cpu_memory_check, cpu_peak_growth
+    from i2x.track.tracker import record_checkpoint
+    from i2x.explain.batching import explain_batch_size
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    budget, size = float(sys.argv[1]), int(sys.argv[2])
+    works, how = cpu_memory_check()
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    explainer = i2x.Explainer(model, "layer4")
+    batch = explain_batch_size(explainer, torch.randn(3, size, size), budget)
+    images = torch.randn(2 * batch, 3, size, size)
+    labels = torch.zeros(2 * batch, dtype=torch.long)
+    record_checkpoint(explainer, images[:batch], labels[:batch], batch_size=batch)  # the backend's first-use setup
+    growth = cpu_peak_growth(lambda: record_checkpoint(explainer, images, labels, memory_budget=budget))
+    print(json.dumps({"works": works, "how": how, "batch": batch, "growth_mib": growth / 2**20}))
+""")
+
+
+@pytest.mark.parametrize("budget,size", [(128, 112), (256, 160)])
+def test_a_record_stays_within_its_budget(budget, size):
+    """The resident memory one record of a default-batched probe takes, measured in a fresh process,
+    stays within 25% of the budget, and uses a fair part of it (the batch is not just 1)."""
+    pytest.importorskip("torchvision")
+    out = subprocess.run([sys.executable, "-P", "-c", _RECORD, str(budget), str(size)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if not r["works"]:
+        pytest.skip(r["how"])
+    assert r["batch"] > 4
+    assert r["growth_mib"] <= 1.25 * budget, r
+    assert r["growth_mib"] >= 0.3 * budget, r
