@@ -310,12 +310,12 @@ def wrong_reason_share(
         raise TypeError(f"{fname}: model: expected a torch.nn.Module, got {describe(model)}")
     images = _check_images(images, fname)
     batch_size = check_int(batch_size, f"{fname}: batch_size")
-    mask = _as_maps(masks, "masks", fname)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{fname}: masks: expected a bool tensor, got {describe(masks)}")
     B, _, H, W = images.shape
     if B == 0:
         raise ValueError(f"{fname}: images: expected at least one image, got an empty batch {list(images.shape)}")
+    mask = _as_maps(masks, "masks", fname)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{fname}: masks: expected a bool tensor, got {describe(masks)}")
     if tuple(mask.shape) != (B, H, W):
         raise ValueError(f"{fname}: masks: expected [{B}, 1, {H}, {W}] or [{B}, {H}, {W}] (one mask per image, at "
                          f"the images' size), got {list(masks.shape)}")
