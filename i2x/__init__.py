@@ -29,6 +29,7 @@ from i2x._internal import aliases as _internal_aliases
 _EXPORTS = {
     "build_info": "_loader",
     "Explainer": "explain", "Captured": "explain", "swin_reshape": "explain", "vit_reshape": "explain",
+    "relevance_mass": "explain", "wrong_reason_share": "explain",
     "load_dataset": "data",
     "build_model": "models",
     "RunStore": "store", "RunStoreError": "store", "RunLockedError": "store",
@@ -67,6 +68,8 @@ __all__ = [
     "Captured",
     "vit_reshape",
     "swin_reshape",
+    "relevance_mass",
+    "wrong_reason_share",
     # datasets and models
     "load_dataset",
     "build_model",

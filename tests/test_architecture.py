@@ -20,8 +20,8 @@ PACKAGE = ROOT / "i2x"
 # Modules whose names start with "_" but are meant to be imported: the compiled module, its
 # build record, the loader, and the one home of shared helpers.
 PRIVATE_MODULES_OK = {"_C", "_build_config", "_loader", "_internal"}
-STAGE_FOLDERS = ("_internal", "explain", "store", "track", "analysis", "loop", "report", "apps", "cli", "integrations",
-                 "models")
+STAGE_FOLDERS = ("_internal", "explain", "data", "store", "track", "analysis", "loop", "report", "apps", "cli",
+                 "integrations", "models")
 
 
 def _modules():
@@ -59,8 +59,8 @@ def test_the_stages_are_folders():
     for folder in STAGE_FOLDERS:
         assert (PACKAGE / folder / "__init__.py").is_file(), f"i2x/{folder}/ is not a package"
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
-    # What stays at the top: the package's door, the compiled ops and their twins, the data sets.
-    assert flat == ["__init__.py", "__main__.py", "_loader.py", "data.py", "ops.py", "reference.py"], flat
+    # What stays at the top: the package's door, the compiled ops and their twins.
+    assert flat == ["__init__.py", "__main__.py", "_loader.py", "ops.py", "reference.py"], flat
 
 
 def test_no_module_imports_another_modules_private_name():

@@ -53,6 +53,8 @@ EXPORTS = {
     "Captured": "explain.explainer",
     "vit_reshape": "explain.explainer",
     "swin_reshape": "explain.explainer",
+    "relevance_mass": "explain.metrics",
+    "wrong_reason_share": "explain.metrics",
     "find_targets": "loop.target_rule",
     "Targets": "loop.targets",
     "finetune": "loop.training",

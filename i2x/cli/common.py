@@ -12,6 +12,13 @@ import math
 import re
 from pathlib import Path
 
+# The names --data takes (i2x.data.DATASET_INFO, written out: the command imports no torch at
+# --help). The decoy-* sets are their base set with Decoy-MNIST's class-coloured corner square on
+# every training image and a random class's square on every test image (docs/tracking.md).
+DATA_NAMES = "fashion-mnist, mnist, cifar10, digits, decoy-fashion-mnist or decoy-mnist"
+DATA_HELP = (f"{DATA_NAMES} (decoy-*: the base set with a class-coloured 4x4 corner square on each training image "
+             "and a random class's square at test, decoy seed 0)")
+
 # Every subcommand takes these (argparse ``parents=[COMMON]``).
 COMMON = argparse.ArgumentParser(add_help=False)
 _common = COMMON.add_argument_group("output")
@@ -116,7 +123,7 @@ def key_value(text: str) -> tuple[str, str]:
 
 def add_model_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="the run folder (made by i2x track or i2x.Tracker)")
-    p.add_argument("--data", required=True, help="the run's dataset by name: fashion-mnist, mnist, cifar10 or digits")
+    p.add_argument("--data", required=True, help=f"the run's dataset by name: {DATA_HELP}")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
     p.add_argument("--size", type=positive_int, default=None,
                    help="resize the images to SIZE px, as the run's model was trained (default: the dataset's size)")

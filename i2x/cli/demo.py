@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from i2x.cli.common import COMMON, add_memory_budget, device_name, emit, int_list, positive_float, positive_int
+from i2x.cli.common import (
+    COMMON,
+    DATA_HELP,
+    DATA_NAMES,
+    add_memory_budget,
+    device_name,
+    emit,
+    int_list,
+    positive_float,
+    positive_int,
+)
 
 
 def register(sub) -> None:
@@ -21,8 +31,7 @@ def register(sub) -> None:
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the small plan: under two minutes on 2 CPU cores")
     size.add_argument("--full", action="store_true", help="the full experiment: every arm, 5 seeds")
-    demo.add_argument("--data", default=None, help="a dataset by name instead of the default (fashion-mnist, mnist, "
-                                                   "cifar10, digits)")
+    demo.add_argument("--data", default=None, help=f"a dataset by name instead of the default ({DATA_NAMES})")
     demo.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
     demo.add_argument("--arms", default=None, help="comma-separated arms instead of the plan's")
     demo.add_argument("--seeds", type=positive_int, default=None, help="seeds instead of the plan's")
@@ -40,7 +49,7 @@ def register(sub) -> None:
                            description="Stages 1-2: train i2x's small ResNet (or resnet50) with an online Tracker, fit "
                                        "the prototypes, keep the final weights in the run. Resumable.")
     train.add_argument("run", type=Path, help="the run folder (created, or resumed)")
-    train.add_argument("--data", required=True, help="fashion-mnist, mnist, cifar10 or digits")
+    train.add_argument("--data", required=True, help=DATA_HELP)
     train.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
     train.add_argument("--size", type=positive_int, default=None, help="resize the images to SIZE px")
     train.add_argument("--model", default="small-resnet", help="small-resnet (default) or resnet50")

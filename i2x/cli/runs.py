@@ -7,6 +7,7 @@ from pathlib import Path
 
 from i2x.cli.common import (
     COMMON,
+    DATA_HELP,
     add_memory_budget,
     device_name,
     emit,
@@ -27,7 +28,7 @@ def register(sub) -> None:
     track.add_argument("--run", required=True, type=Path, help="the run folder (created, or resumed)")
     track.add_argument("--checkpoints", required=True, type=Path,
                        help="folder of weights files; the step is the last number in each name")
-    track.add_argument("--dataset", required=True, help="fashion-mnist, mnist, cifar10 or digits")
+    track.add_argument("--dataset", required=True, help=DATA_HELP)
     track.add_argument("--data-root", type=Path, default=None, help="dataset folder in torchvision's layout")
     track.add_argument("--split", choices=["train", "test"], default="train", help="probe split (default train)")
     track.add_argument("--model", required=True, help="small-resnet or resnet50")

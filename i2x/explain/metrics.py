@@ -6,6 +6,11 @@
 - :func:`average_drop` / :func:`increase_in_confidence` (Grad-CAM++, Chattopadhay et al. 2018):
   the model's confidence on the image masked by the (min-max normalised) map.
 - :func:`faithfulness_report`: all four as plain numbers.
+- :func:`relevance_mass` (Arras et al. 2022, "relevance mass accuracy"): the share of a map's
+  positive relevance that falls inside a ground-truth mask. With the mask on a known shortcut (the
+  decoy squares of ``i2x.load_dataset("decoy-fashion-mnist")``) it is the share of the
+  explanation spent on the wrong reason; :func:`wrong_reason_share` computes it for a model's
+  GradCAM maps over a set of images (the "WR" score of Friedrich et al. 2023 is the same idea).
 
 Everything is batched and runs on the images' device in plain torch (no numpy, no Python loop over
 images; the only Python loop is over chunks of ``batch_size`` model inputs). The model is called
@@ -28,11 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from i2x._internal.checks import check_int, check_number
+from i2x._internal.checks import check_int, check_number, describe
+from i2x.explain.explainer import Explainer
 from i2x.reference import upsample_normalize as _upsample_normalize
 
 __all__ = [
@@ -44,6 +52,9 @@ __all__ = [
     "faithfulness_report",
     "increase_in_confidence",
     "insertion_curve",
+    "relevance_mass",
+    "wrong_reason_share",
+    "WrongReasonShare",
 ]
 
 BASELINES = ("zeros", "mean", "blur")
@@ -225,6 +236,103 @@ def faithfulness_report(
     }
 
 
+class WrongReasonShare(NamedTuple):
+    """Result of :func:`wrong_reason_share`: ``value`` the mean over images (a Python float) and
+    ``per_image`` ``[B]`` each image's :func:`relevance_mass` inside its mask."""
+
+    value: float
+    per_image: torch.Tensor
+
+
+def relevance_mass(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of the map's positive relevance that lies inside the mask -> ``[B]``.
+
+    ``R_in / R_all`` with ``R_in`` the sum of ``max(s, 0)`` over the pixels where the mask is True
+    and ``R_all`` the same sum over every pixel (Arras et al. 2022's relevance mass accuracy).
+    Negative relevance is ignored (it is evidence against the class, not a place the model
+    looks); an image whose map has no positive relevance gives 0 (no mass anywhere, so none in
+    the mask). The value is in [0, 1]: 1 when all of it is inside, 0 when none is.
+
+    saliency: ``[B, H, W]`` or ``[B, 1, H, W]`` real, finite, at the masks' size (resize maps to
+              the image first: ``Explainer.explain(x, size="input")``)
+    masks:    ``[B, H, W]`` or ``[B, 1, H, W]`` bool (``ImageDataset.masks``)
+
+    Returns float32 ``[B]`` (float64 for a float64 map) on the saliency's device.
+    """
+    fname = "relevance_mass"
+    sal = _as_maps(saliency, "saliency", fname)
+    mask = _as_maps(masks, "masks", fname)
+    if sal.is_complex() or sal.dtype == torch.bool:
+        raise TypeError(f"{fname}: saliency: expected a real tensor, got {describe(saliency)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{fname}: masks: expected a bool tensor, got {describe(masks)}")
+    if sal.shape != mask.shape:
+        raise ValueError(f"{fname}: masks: expected the saliency's shape {list(sal.shape)} (one mask per map, at "
+                         f"the same size), got {list(mask.shape)}")
+    sal = sal.to(_prob_dtype(sal.dtype))
+    if not bool(torch.isfinite(sal).all()):
+        raise ValueError(f"{fname}: saliency: expected finite values, but it holds NaN or inf")
+    positive = sal.clamp(min=0).flatten(1)
+    inside = (positive * mask.to(sal.device).flatten(1)).sum(dim=1)
+    total = positive.sum(dim=1)
+    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(total))
+
+
+def wrong_reason_share(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    layer=None,
+    targets: Targets = None,
+    *,
+    method: str = "gradcam",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> WrongReasonShare:
+    """The model's GradCAM relevance inside ``masks``: :func:`relevance_mass` of its maps, per image
+    and on average.
+
+    The maps are :class:`i2x.Explainer`'s (``method``, at ``layer``; None: the last layer with a
+    spatial grid) for ``targets`` (None: the predicted class), upsampled to the images' size and
+    not min-max normalised (GradCAM's ReLU already makes them non-negative; a min-max would move
+    mass between pixels). With the masks on a shortcut (``ImageDataset.masks`` of a decoy
+    dataset) the value is the share of the explanation spent on the wrong reason: near 1 for a
+    model that reads only the shortcut, near 0 for one that ignores it.
+
+    images: ``[B, C, H, W]`` floating, finite, on the model's device, ``B >= 1``
+    masks:  ``[B, H, W]`` or ``[B, 1, H, W]`` bool at the images' size
+    batch_size: images per explain call (memory only; the result does not depend on it)
+
+    The model is used as it is (put it in eval mode first, as for the other metrics).
+    """
+    fname = "wrong_reason_share"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fname}: model: expected a torch.nn.Module, got {describe(model)}")
+    images = _check_images(images, fname)
+    batch_size = check_int(batch_size, f"{fname}: batch_size")
+    B, _, H, W = images.shape
+    if B == 0:
+        raise ValueError(f"{fname}: images: expected at least one image, got an empty batch {list(images.shape)}")
+    mask = _as_maps(masks, "masks", fname)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{fname}: masks: expected a bool tensor, got {describe(masks)}")
+    if tuple(mask.shape) != (B, H, W):
+        raise ValueError(f"{fname}: masks: expected [{B}, 1, {H}, {W}] or [{B}, {H}, {W}] (one mask per image, at "
+                         f"the images' size), got {list(masks.shape)}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{fname}: images: expected finite values, but they hold NaN or inf")
+    targets = _check_targets(targets, B, images.device, fname)
+    explainer = Explainer(model, layer, method=method)
+    shares = []
+    for first in range(0, B, batch_size):
+        chunk = slice(first, first + batch_size)
+        maps = explainer.explain(images[chunk], None if targets is None else targets[chunk], size="input",
+                                 normalize=False)
+        shares.append(relevance_mass(maps, mask[chunk].to(maps.device)))
+    per_image = torch.cat(shares)
+    return WrongReasonShare(float(per_image.mean()), per_image)
+
+
 # --------------------------------------------------------------------------------------------
 # The work
 
@@ -391,6 +499,21 @@ def _gaussian_blur(images, kernel_size, sigma, fname) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Checks: messages name the function, the argument, what was expected and what came.
+
+
+def _as_maps(x, arg: str, fname: str) -> torch.Tensor:
+    """``[B, H, W]`` or ``[B, 1, H, W]`` -> ``[B, H, W]`` (a view), with at least one map of at
+    least one pixel."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fname}: {arg}: expected a tensor [B, H, W] or [B, 1, H, W], got {describe(x)}")
+    if x.dim() == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.dim() != 3:
+        raise ValueError(f"{fname}: {arg}: expected a tensor [B, H, W] or [B, 1, H, W], got shape {list(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{fname}: {arg}: expected at least one map of at least one pixel, got shape "
+                         f"{list(x.shape)}")
+    return x
 
 
 def _check_model(model, fname) -> None:

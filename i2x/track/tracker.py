@@ -145,6 +145,9 @@ class Probe:
             "probe_seed": int(seed),
             "probe_size_requested": None if size is None else int(size),
         }
+        if getattr(dataset, "decoy_seed", None) is not None:
+            # A decoy dataset's squares depend on their seed: the run reloads them with it.
+            description["decoy_seed"] = int(dataset.decoy_seed)
         return cls(images, labels[idx], names, idx, description)
 
     def shard(self, rank: int, world: int) -> tuple[int, int]:

@@ -5,7 +5,9 @@ Every dataset is loaded whole into tensors (:class:`ImageDataset`): ``images`` f
 std, ``labels`` int64 ``[N]``. These datasets are small (Fashion-MNIST train is 188 MB as float32),
 and indexing a tensor by a batch of indices is far faster than per-item PIL transforms.
 
-Names (:data:`DATASET_INFO`): ``fashion-mnist``, ``mnist``, ``cifar10``, ``digits``.
+Names (:data:`DATASET_INFO`): ``fashion-mnist``, ``mnist``, ``cifar10``, ``digits``, and
+``decoy-fashion-mnist``, ``decoy-mnist``: the same images with Decoy-MNIST's class-coloured corner
+square (:mod:`i2x.data.decoy`), found where their base dataset is found.
 
 Where the files are looked for, in this order (the first place holding both files of the split wins):
 
@@ -20,6 +22,8 @@ Where the files are looked for, in this order (the first place holding both file
     names are the same as Fashion-MNIST's, and files directly in ``$I2X_DATA`` are Fashion-MNIST).
 ``cifar10``
     1. ``root/cifar-10-batches-py/``; 2. ``$I2X_DATA/cifar-10-batches-py/``.
+``decoy-fashion-mnist``, ``decoy-mnist``
+    where ``fashion-mnist`` / ``mnist`` are found.
 ``digits``
     ships with scikit-learn (``sklearn.datasets.load_digits``); nothing to find.
 
@@ -43,7 +47,7 @@ import operator
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +64,7 @@ from torch.utils.data import (
 )
 
 from i2x._internal.checks import check_int, describe
+from i2x.data.decoy import add_decoys
 
 __all__ = [
     "load_recorded_dataset",
@@ -69,6 +74,7 @@ __all__ = [
     "batch_of",
     "labels_of",
     "DATASET_INFO",
+    "DECOY_BASE",
     "DEBIAN_FASHION_MNIST_DIR",
     "DIGITS_SIZE",
     "DIGITS_TEST_FRACTION",
@@ -92,6 +98,8 @@ DIGITS_SIZE = 28
 # digits has no official split: a stratified, seeded 80/20 split (see `_split_digits`).
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+# The decoy datasets: name -> the dataset whose images get the decoy squares.
+DECOY_BASE = {"decoy-fashion-mnist": "fashion-mnist", "decoy-mnist": "mnist"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
     # are normalised only approximately to unit std.
     "digits": DatasetInfo("digits", 1, DIGITS_SIZE, tuple(str(d) for d in range(10)), (0.3053,), (0.3247,), 8),
 }
+# The decoy sets keep their base set's classes and statistics: a pixel outside the square is then
+# normalised exactly as in the clean set, so the two can be compared pixel for pixel.
+DATASET_INFO.update({decoy: replace(DATASET_INFO[base], name=decoy) for decoy, base in DECOY_BASE.items()})
 
 # torchvision's folder names under root (root/<name>/raw/...).
 _TORCHVISION_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
@@ -161,6 +172,13 @@ class ImageDataset(Dataset):
     name / split: the dataset's name (a key of :data:`DATASET_INFO`) and ``"train"`` / ``"test"``
     mean / std: per-channel statistics the images were normalised with (length C), so that a
             report can show the pixels: :meth:`denormalize`
+    masks:  optional ``[N, 1, H, W]`` bool, the pixels that are known to be a shortcut (the decoy
+            datasets: each image's square), the ground truth for
+            :func:`i2x.explain.metrics.relevance_mass`; None when unknown
+    decoy_labels: optional ``[N]`` int64, the class whose grey each decoy square carries (the labels
+            at train, random at test); None for a dataset without decoys
+    decoy_seed: the ``decoy_seed`` the decoys were drawn with (recorded in a run, so that it
+            reloads the same decoys); None for a dataset without decoys
 
     ``dataset[i]`` gives ``(image [C, H, W], label [])``; ``dataset[indices]`` (a sequence or 1-D
     integer tensor) gives the batch ``(images [B, C, H, W], labels [B])`` in one indexing
@@ -174,6 +192,9 @@ class ImageDataset(Dataset):
     split: str
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    masks: torch.Tensor | None = None
+    decoy_labels: torch.Tensor | None = None
+    decoy_seed: int | None = None
 
     def __post_init__(self) -> None:
         _check_images(self.images, "images")
@@ -200,6 +221,10 @@ class ImageDataset(Dataset):
             )
         if any(not s > 0 for s in self.std):
             raise ValueError(f"std: expected positive values, got {self.std}")
+        _check_masks(self.masks, self.images)
+        _check_decoy_labels(self.decoy_labels, self.labels.shape[0], len(self.classes))
+        if self.decoy_seed is not None:
+            self.decoy_seed = check_int(self.decoy_seed, "decoy_seed", 0)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -228,7 +253,9 @@ class ImageDataset(Dataset):
         in that order; the tensors are copies, the names and statistics are the same."""
         idx = _as_index_tensor(indices, len(self), "indices")
         return ImageDataset(self.images[idx], self.labels[idx], list(self.classes), self.name, self.split,
-                            self.mean, self.std)
+                            self.mean, self.std, masks=None if self.masks is None else self.masks[idx],
+                            decoy_labels=None if self.decoy_labels is None else self.decoy_labels[idx],
+                            decoy_seed=self.decoy_seed)
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` ``[..., C, H, W]`` back to pixels in [0, 1]: ``x * std + mean`` per channel."""
@@ -254,6 +281,7 @@ def load_dataset(
     size: int | None = None,
     test_fraction: float | None = None,
     split_seed: int | None = None,
+    decoy_seed: int | None = None,
 ) -> ImageDataset:
     """One split of the dataset ``name`` as an :class:`ImageDataset` (see the module docstring for
     where the files are looked for).
@@ -268,6 +296,12 @@ def load_dataset(
                when shrinking). Default: the native size; for digits :data:`DIGITS_SIZE` (28)
     test_fraction, split_seed: digits only: the share of each class held out for the test split
                (default :data:`DIGITS_TEST_FRACTION` = 0.2) and the seed choosing it (default 0)
+    decoy_seed: decoy datasets only (default 0): the seed of the corners (and, at test, of the
+               squares' classes); train and test draw from different streams of it
+               (:func:`i2x.data.decoy.decoy_generator`). The squares are drawn on the native
+               images before the resize and the normalisation; ``masks`` follow a resize by
+               nearest neighbour. ``load_dataset(base, train=...)`` gives the same images without
+               decoys, in the same order.
 
     Raises ValueError for an unknown name, FileNotFoundError (listing every place looked at and
     how to get the data) when no copy is found, ValueError for a corrupt file.
@@ -280,9 +314,18 @@ def load_dataset(
         check_int(size, "size")
     if name != "digits" and (test_fraction is not None or split_seed is not None):
         raise ValueError(f"test_fraction/split_seed: only used for 'digits' (its split is made here), not {name!r}")
+    if name not in DECOY_BASE and decoy_seed is not None:
+        raise ValueError(f"decoy_seed: only used for the decoy datasets {sorted(DECOY_BASE)}, not {name!r}")
     split = "train" if train else "test"
     info = DATASET_INFO[name]
-    if name == "digits":
+    masks = decoy_labels = None
+    if name in DECOY_BASE:
+        decoy_seed = 0 if decoy_seed is None else check_int(decoy_seed, "decoy_seed", 0)
+        pixels, labels = _load_idx_pixels(DECOY_BASE[name], root, split, download)
+        decoys = add_decoys(pixels, labels, info.num_classes, train=train, seed=decoy_seed)
+        pixels, masks, decoy_labels = decoys.images, decoys.masks, decoys.classes
+        del decoys
+    elif name == "digits":
         pixels, labels = _load_digits_pixels(split, test_fraction, split_seed)
         size = DIGITS_SIZE if size is None else size
     elif name == "cifar10":
@@ -291,12 +334,15 @@ def load_dataset(
         pixels, labels = _load_idx_pixels(name, root, split, download)
     if size is not None and size != pixels.shape[-1]:
         pixels = _resize(pixels, int(size))
+        if masks is not None:
+            masks = _resize_masks(masks, int(size))
     if normalize:
         mean, std = info.mean, info.std
         _normalize_(pixels, mean, std)
     else:
         mean, std = (0.0,) * info.channels, (1.0,) * info.channels
-    return ImageDataset(pixels, labels, list(info.classes), name, split, mean, std)
+    return ImageDataset(pixels, labels, list(info.classes), name, split, mean, std, masks=masks,
+                        decoy_labels=decoy_labels, decoy_seed=decoy_seed)
 
 
 def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> tuple[ImageDataset, dict]:
@@ -312,9 +358,9 @@ def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> t
 def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: bool = True,
                           size: int | None = None) -> ImageDataset:
     """The dataset a run describes (its manifest's ``dataset``): the split ``train``, loaded by name
-    at the recorded image ``size`` (or ``size``); for the training split also the recorded
-    ``subset`` (as :func:`training_subset` drew it), so that indices stored in the run point at the
-    same samples.
+    at the recorded image ``size`` (or ``size``) and, for a decoy dataset, the recorded
+    ``decoy_seed`` (default 0); for the training split also the recorded ``subset`` (as
+    :func:`training_subset` drew it), so that indices stored in the run point at the same samples.
 
     Raises ValueError when the record names no dataset i2x can load by name (a user's own data:
     pass it to the Python API instead)."""
@@ -322,7 +368,9 @@ def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: 
     if name not in DATASET_INFO:
         raise ValueError(f"the run was recorded on {name!r}, which i2x cannot load by name (known: "
                          f"{', '.join(sorted(DATASET_INFO))}); pass that dataset through the Python API")
-    data = load_dataset(name, root=root, train=train, size=record.get("size") if size is None else size)
+    decoy_seed = int(record.get("decoy_seed", 0)) if name in DECOY_BASE else None
+    data = load_dataset(name, root=root, train=train, size=record.get("size") if size is None else size,
+                        decoy_seed=decoy_seed)
     subset = record.get("subset")
     if train and subset:
         data, _ = training_subset(data, int(subset["size"]), int(subset.get("seed", 0)))
@@ -376,6 +424,12 @@ def _normalize_(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float
     shape = (1, len(mean), 1, 1)
     pixels.sub_(torch.tensor(mean, dtype=pixels.dtype).view(shape)).div_(
         torch.tensor(std, dtype=pixels.dtype).view(shape))
+
+
+def _resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """``[N, 1, H, W]`` bool -> ``[N, 1, size, size]`` by nearest neighbour at pixel centres
+    (``nearest-exact``: the same pixel grid as the images' ``align_corners=False`` resize)."""
+    return F.interpolate(masks.to(torch.uint8), size=(size, size), mode="nearest-exact").bool()
 
 
 def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -739,6 +793,29 @@ def labels_of(dataset) -> torch.Tensor:
 def _check_images(images, arg: str) -> None:
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4:
         raise TypeError(f"{arg}: expected a floating tensor [N, C, H, W], got {describe(images)}")
+
+
+def _check_masks(masks, images: torch.Tensor) -> None:
+    if masks is None:
+        return
+    n, _, h, w = images.shape
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise TypeError(f"masks: expected None or a bool tensor [N, 1, H, W], got {describe(masks)}")
+    if tuple(masks.shape) != (n, 1, h, w):
+        raise ValueError(f"masks: expected shape {[n, 1, h, w]} (one mask per image, at the images' size), got "
+                         f"{list(masks.shape)}")
+
+
+def _check_decoy_labels(decoy_labels, n: int, num_classes: int) -> None:
+    if decoy_labels is None:
+        return
+    if not isinstance(decoy_labels, torch.Tensor) or decoy_labels.dtype != torch.int64 or decoy_labels.dim() != 1:
+        raise TypeError(f"decoy_labels: expected None or an int64 tensor [N], got {describe(decoy_labels)}")
+    if decoy_labels.shape[0] != n:
+        raise ValueError(f"decoy_labels: expected {n} values (one per image), got {decoy_labels.shape[0]}")
+    if n and (int(decoy_labels.min()) < 0 or int(decoy_labels.max()) >= num_classes):
+        raise ValueError(f"decoy_labels: expected values in [0, {num_classes}), got "
+                         f"[{int(decoy_labels.min())}, {int(decoy_labels.max())}]")
 
 
 def _as_label_tensor(labels) -> torch.Tensor:
