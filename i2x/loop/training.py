@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from i2x._internal.progress import bar as progress_bar
 from i2x.data import batch_of, labels_of
 from i2x.explain.batching import forward_batch_size
 from i2x.loop.penalty import ExplanationPenalty
+from i2x.loop.rrr import RRRPenalty
 from i2x.loop.strategies import epoch_permutation
 from i2x.track.batchnorm import calibration_rows, recalibrated_batchnorm
 
@@ -144,7 +146,7 @@ def fit(
     seed: int = 0,
     sampler: Sampler | None = None,
     order=None,
-    penalty: ExplanationPenalty | None = None,
+    penalty: ExplanationPenalty | RRRPenalty | None = None,
     precision: str = "auto",
     channels_last: bool | None = None,
     device=None,
@@ -194,6 +196,10 @@ def fit(
 
     bar = progress_bar(total=total, desc=desc, unit="step", enabled=progress)
     converted = cl and _to_channels_last(model)
+    # A term with ``wants_input_gradient`` (RRR) is called on the input, which then needs a gradient;
+    # any other term (ExplanationPenalty) on the activations its explainer captures.
+    wants_input = bool(getattr(penalty, "wants_input_gradient", False))
+    capture = None if penalty is None or wants_input else cast(ExplanationPenalty, penalty).explainer.capture
     was_training = [(m, m.training) for m in model.modules()]
     started = time.perf_counter()
     step = samples = 0
@@ -206,10 +212,12 @@ def fit(
                 y = torch.as_tensor(y).to(device, non_blocking=True).long()
                 if cl and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
+                if wants_input:
+                    x = x.detach().requires_grad_(True)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-                    if penalty is not None:
-                        with penalty.explainer.capture() as captured:
+                    if capture is not None:
+                        with capture() as captured:
                             logits = model(x)
                     else:
                         logits = checked_forward(model, x, "images")
@@ -222,7 +230,7 @@ def fit(
                                              "lower the learning rate or check the data for NaN")
                 total_loss = loss
                 if penalty is not None:
-                    pen = penalty(captured, logits, y, _dataset_positions(data, positions))
+                    pen = penalty(x if wants_input else captured, logits, y, _dataset_positions(data, positions))
                     total_loss = loss + pen
                     pen_sum += float(pen.detach())
                 total_loss.backward()
@@ -287,7 +295,7 @@ def finetune(
     seed: int = 0,
     sampler: Sampler | None = None,
     order=None,
-    penalty: ExplanationPenalty | None = None,
+    penalty: ExplanationPenalty | RRRPenalty | None = None,
     precision: str = "auto",
     channels_last: bool | None = None,
     device=None,
@@ -301,7 +309,8 @@ def finetune(
             ``i2x.data.ImageDataset``, the ``i2x.loop.targets`` wrappers and subsets) or a ``DataLoader``.
         sampler: positions per epoch (``Targets.sampler``, any ``Sampler``); default a seeded shuffle.
         order: explicit positions per epoch (a tensor, or ``epoch -> tensor``), instead of a sampler.
-        penalty: an :class:`~i2x.loop.penalty.ExplanationPenalty` added to the cross-entropy.
+        penalty: a loss term added to the cross-entropy: an :class:`~i2x.loop.penalty.ExplanationPenalty`
+            (on the captured activations) or an :class:`~i2x.loop.rrr.RRRPenalty` (on the input gradient).
         precision: ``auto`` (bfloat16 autocast where the device has it natively), ``bf16``, ``fp32``.
         channels_last: keep model and inputs channels-last (default: on the CPU under bfloat16, where
             it is faster; float32 stays NCHW, see ``fit``); the parameters get their layout back afterwards.
