@@ -213,7 +213,7 @@ class NetSnapshots(Snapshots):
     """The network's own weights after every optimizer step: what post hoc tracking of it reads."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self.last:
+        if trainer.global_step != self.last and trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             torch.save(pl_module.net.state_dict(), self.folder / f"step-{trainer.global_step}.pt")
 
@@ -249,6 +249,60 @@ def test_a_module_without_forward_is_tracked_through_the_network_it_names(tmp_pa
     _assert_same_run(store, truth)
     # ... and naming it through the dotted layer path instead of module= does too.
     _assert_same_run(RunStore.open(tmp_path / "run2"), store)
+
+
+class QuietNetModule(NetModule):
+    """NetModule without dropout or random draws: a resumed fit replays the same steps exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Identity()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+class CrashAt(L.Callback):
+    """Stops the fit with an error once ``step`` optimizer steps are done (before other callbacks see it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"crash at step {trainer.global_step}")
+
+
+def _fit_quiet(root, callbacks, ckpt_path=None):
+    L.seed_everything(0, verbose=False)
+    module = QuietNetModule()
+    loader = torch.utils.data.DataLoader(_data()[1], batch_size=BATCH, shuffle=False)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_epochs=1)
+    trainer = _trainer(root, [*callbacks, saver], enable_checkpointing=True)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return module
+
+
+def test_a_module_without_forward_resumes_after_a_crash_as_if_never_stopped(tmp_path):
+    """module='net': a fit that crashes at step 5 and resumes from the epoch-1 checkpoint (step 3)
+    writes the run an uninterrupted fit writes: step 4, recorded before the crash, is kept, not redone."""
+    schedule = [1, 2, 4, 5]
+    with torch.random.fork_rng(devices=[]):
+        _fit_quiet(tmp_path / "whole", [TrackerCallback("layer", _probe(), tmp_path / "truth", module="net",
+                                                        schedule=schedule, prototypes=PROTOTYPES)])
+        tracker = TrackerCallback("layer", _probe(), tmp_path / "run", module="net", schedule=schedule,
+                                  prototypes=PROTOTYPES)
+        with pytest.raises(RuntimeError, match="crash at step 5"):
+            _fit_quiet(tmp_path / "first", [CrashAt(5), tracker])
+        partial = RunStore.open(tmp_path / "run")
+        assert partial.finished_steps() == [1, 2, 4] and partial.final_step() is None
+        resumed = TrackerCallback("layer", _probe(), tmp_path / "run", module="net", schedule=schedule,
+                                  prototypes=PROTOTYPES)
+        _fit_quiet(tmp_path / "first", [resumed], ckpt_path=tmp_path / "first" / "ckpt" / "last.ckpt")
+    store, truth = RunStore.open(tmp_path / "run"), RunStore.open(tmp_path / "truth")
+    assert store.final_step() == truth.final_step() == OPTIMIZER_STEPS
+    _assert_same_run(store, truth)
 
 
 def test_a_module_that_is_not_a_submodule_is_refused_at_fit_start(tmp_path):
@@ -337,3 +391,46 @@ def test_ddp_on_cpu_writes_the_single_process_run(tmp_path):
     truth = _post_hoc(tmp_path / "snapshots", store.finished_steps(), tmp_path / "posthoc")
     _assert_same_run(store, truth)
     assert _files(tmp_path / "run") == sorted(_files(tmp_path / "posthoc") + ["weights.safetensors"])
+
+
+_DDP_NET_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    import test_lightning as t
+    from i2x.integrations.lightning import TrackerCallback
+
+    root = t.Path(sys.argv[2])
+    callback = TrackerCallback("layer", t._probe(), root / "run", module="net", prototypes=t.PROTOTYPES,
+                               n_checkpoints=4)
+    t.L.seed_everything(0, verbose=False)
+    module = t.NetModule()
+    loader = torch.utils.data.DataLoader(t._data()[1], batch_size=t.BATCH, shuffle=True)
+    trainer = t._trainer(root, [callback, t.NetSnapshots(root / "snapshots")], devices=2, strategy="ddp")
+    trainer.fit(module, loader)
+    print("rank", trainer.global_rank, "steps", trainer.global_step, "store", callback.store is not None)
+    """
+)
+
+
+def test_ddp_on_cpu_tracks_a_module_without_forward_through_the_network_it_names(tmp_path):
+    """module='net' under DDP (two gloo processes): the run is the one post hoc tracking of the
+    network's own weights writes in one process."""
+    script = tmp_path / "ddp_net.py"
+    script.write_text(_DDP_NET_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PYTHONPATH": str(Path(i2x.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).resolve().parent), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "store True" in out and "store False" in out, out
+    store = RunStore.open(tmp_path / "run")
+    steps_done = int(out.split("rank 0 steps ")[1].split()[0])
+    assert store.manifest["options"]["world_size"] == 2 and store.manifest["model"]["layer"] == "layer"
+    assert store.finished_steps() == log_schedule(steps_done, 4) and store.final_step() == steps_done
+    truth = track_checkpoints(TinyNet(classes=3, width=4), "layer", _probe(),
+                              [(s, tmp_path / "snapshots" / f"step-{s}.pt") for s in store.finished_steps()],
+                              tmp_path / "posthoc", prototypes=PROTOTYPES)
+    _assert_same_run(store, truth)

@@ -69,13 +69,25 @@ def test_auto_batch_size_matches_the_hand_computed_fit():
 
 
 def test_a_pass_that_cannot_be_measured_is_sized_from_its_input_with_a_warning():
-    def step(x):
-        raise RuntimeError("not under a dispatch mode")
+    calls = []
+
+    def step(x):  # runs plainly, but not under the counting mode (as some compiled models)
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("not under a dispatch mode")
 
     with pytest.warns(RuntimeWarning, match="could not measure"):
         batch = auto_batch_size(step, torch.zeros(3, 224, 224), 256.0)
     per_image = 32 * 3 * 224 * 224 * 4 * (1 + SCRATCH_SHARE) + 3 * 224 * 224 * 4 * 2
     assert batch == math.floor((256 - SCRATCH_FLOOR_MIB) * MIB / per_image)
+
+
+def test_the_pass_own_error_is_raised_as_it_is():
+    def step(x):
+        raise ValueError("layer has 24 channels but the run's prototypes were fitted on 32")
+
+    with pytest.raises(ValueError, match="24 channels"):
+        auto_batch_size(step, torch.zeros(3, 8, 8), 256.0)
 
 
 @pytest.mark.parametrize("bad,error", [(0, ValueError), (-5, ValueError), (float("nan"), ValueError),

@@ -100,10 +100,12 @@ def auto_batch_size(step: Callable[[torch.Tensor], object], sample: torch.Tensor
     image = sample if sample.dim() == 3 else sample[0]
     input_bytes = image.numel() * image.element_size()
     one, two = image.unsqueeze(0), torch.stack([image, image])
+    # Warm-up outside the count (lazy initialisation, weight reorders are not per image); an error
+    # here is the pass's own (a model that does not match its run, say) and is raised as it is.
+    step(one)
     try:
-        step(one)  # warm-up: lazy initialisation (hooks, weight reorders) is not per image
         single, double = peak_tensor_bytes(lambda: step(one)), peak_tensor_bytes(lambda: step(two))
-    except Exception as e:  # noqa: BLE001 - the real pass reports its own error; this only sizes it
+    except Exception as e:  # noqa: BLE001 - a pass the counting dispatch mode cannot run still gets a batch
         warnings.warn(f"i2x: could not measure the memory of one batch ({type(e).__name__}: {e}); sizing batches "
                       f"as {FALLBACK_INPUT_COPIES} copies of the input per image", RuntimeWarning, stacklevel=2)
         single, double = 0, FALLBACK_INPUT_COPIES * input_bytes
