@@ -321,6 +321,14 @@ def test_experiment_table_is_the_results(run_dir, report):
         assert shown[arm][3].startswith(f"{s['pair_confusions_mean']:.1f}")
 
 
+def test_one_seed_is_said_and_no_interval_is_claimed(report):
+    """The fixture's experiment has one seed: the chart's caption says so instead of promising intervals."""
+    _, text, _ = report
+    section = text[text.index('id="experiment"'):]
+    assert "one seed: no interval" in section
+    assert "95% t-interval over seeds (bar)" not in section
+
+
 def test_notes_for_stages_not_run(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path)
     for name in ("analysis.json", "analysis.safetensors", "targets.json", "targets.safetensors"):

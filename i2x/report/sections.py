@@ -279,6 +279,10 @@ def training(r: LoadedRun) -> str:
         return "\n".join(parts)
     a = r.analysis
     key = ", ".join(f"{i} = {_e(c)}" for i, c in enumerate(classes))
+    if not a.data["transitions"]:  # one checkpoint: no change to regress, so no panel to draw
+        parts.append("<p>The run has one checkpoint, so there is no transition to read beta from.</p>")
+        parts += _timeline(r)
+        return "\n".join(parts)
     parts += [f"<p>The pooled ridge regression of confidence changes on prototype-intensity changes, one panel per "
               f"transition between checkpoints (rows: prototypes 0..{a.data['num_prototypes'] - 1}, columns: classes "
               f"{key}). Red: a rise of the prototype raised the class's confidence.</p>",
@@ -294,6 +298,8 @@ def _timeline(r: LoadedRun) -> list[str]:
     threshold = a.options["separation_threshold"]
     worst = sorted(entries, key=lambda e: (-max(e["error"]), e["pair"]))[:_N_TIMELINE_LINES]
     series = [(" vs ".join(e["names"]), e["error"]) for e in worst]
+    if not series:  # no pair to draw: say so instead of an empty chart
+        return ["<h3>Separation timeline</h3>", "<p>No pair of classes has probe images to follow.</p>"]
     parts = ["<h3>Separation timeline</h3>",
              f"<p>The pair error rate (a taken for b plus b taken for a, over the pair's probe images) of the "
              f"{len(series)} pairs confused most; a pair is separated from the checkpoint on which it stays at or "
@@ -395,7 +401,8 @@ def uncertain(r: LoadedRun) -> str:
             parts.append(_table(["prototype", "kind", "score", "why"], rows, raw_columns=(0, 1, 3)))
         d = a.tensors[f"uncertainty.a{pa}.b{pb}.d"].numpy()
         highlight = {int(p["prototype"]): f"{p['prototype']} ({p['kind']})" for p in flagged}
-        parts.append(_img(figures.d_curves(a.data["transitions"], d, highlight, (classes[pa], classes[pb])),
+        if a.data["transitions"]:  # d_k^t needs at least one transition
+            parts.append(_img(figures.d_curves(a.data["transitions"], d, highlight, (classes[pa], classes[pb])),
                           f"d_k^t for {classes[pa]} vs {classes[pb]}"))
         ids = sorted(highlight)
         if r.data is not None and r.final_saliency is not None and ids:
@@ -517,8 +524,10 @@ def experiment(r: LoadedRun) -> str:
         intervals = [(s["interval"]["mean"], s["interval"]["lo"], s["interval"]["hi"]) for s in series]
         png = figures.experiment_chart([s["arm"] for s in series], [s["pair_confusions"] for s in series],
                                        intervals, [s["accuracy"] for s in series], names)
-        parts += ["<p>Per arm: the pair's confusions on the test set for every seed (dots), their mean (tick) and "
-                  "95% t-interval over seeds (bar); right: test accuracy per seed.</p>", _img(png, "experiment arms")]
+        spread = ("95% t-interval over seeds (bar)" if any(len(s["seeds"]) > 1 for s in series)
+                  else "one seed: no interval")
+        parts += [f"<p>Per arm: the pair's confusions on the test set for every seed (dots), their mean (tick); "
+                  f"{spread}; right: test accuracy per seed.</p>", _img(png, "experiment arms")]
     parts.append(markdown_html(results_markdown(results)))
     return "\n".join(parts)
 
