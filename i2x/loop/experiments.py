@@ -420,7 +420,7 @@ def experiment(
                          "with i2x.finetune) or find the pair's targets")
     m = store.num_classes
     _check_pair_dataset(targets, train_dataset, test_dataset, m)
-    pair = list(targets.pair) if targets is not None else None
+    pair = list(targets.pair) if targets is not None and targets.pair is not None else None
     if pair is None:
         entry = store.read_json("analysis")["uncertainty"] if (store.path / "analysis.json").exists() else []
         if not entry:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ class Targets:
                 "mean_margin_targets": float(self.margins[self.selected & in_c].mean()) if k else None,
                 "mean_margin_class": float(self.margins[in_c].mean()) if n else None,
             }
-        out = {"pair": None if self.pair is None else list(self.pair), "targets": len(self),
+        out: dict[str, Any] = {"pair": None if self.pair is None else list(self.pair), "targets": len(self),
                "pair_samples": int(self.indices.numel()), "share": len(self) / max(1, int(self.indices.numel())),
                "per_class": per_class, "prototypes": self.prototypes, "rule": self.rule}
         if self.scope != "pair":
