@@ -390,9 +390,10 @@ def analyze(run, **options) -> Analysis:
         })
 
     # The model-wide reading: every class, no pair given (docs/analysis.md, "model-wide").
-    shortcuts, shortcut_tensors = model_shortcuts(cls_presence, sizes, beta_pooled, intensity[-1], counts, labels,
-                                                  names, o["shortcut_threshold"])
-    tensors.update({f"shortcuts.{key}": t for key, t in shortcut_tensors.items()})
+    # JSON only: analysis.safetensors stays what it was before the reading, so an old run analysed
+    # again gives the same tensors file (tests/test_run_compat.py).
+    shortcuts, _ = model_shortcuts(cls_presence, sizes, beta_pooled, intensity[-1], counts, labels, names,
+                                   o["shortcut_threshold"])
 
     grid = store.grid
     assert grid is not None  # the run's first checkpoint recorded it

@@ -144,7 +144,8 @@ def model_shortcuts(cls_presence: torch.Tensor, class_sizes: torch.Tensor, beta:
                     intensity: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, names: list[str],
                     threshold="otsu", n_ranked: int = 10) -> tuple[dict, dict[str, torch.Tensor]]:
     """The whole reading: the JSON entry (``per_class``: each class's flagged prototypes with their
-    evidence, highest score first; ``ranking``: the ``n_ranked`` best candidates over the model)
+    evidence, highest score first; ``ranking``: the ``n_ranked`` best candidates over the model;
+    ``score``: ``S`` as ``M`` lists of ``K`` numbers)
     and its tensors (``score``, ``skew``, ``effect``, ``one_sided``, ``concentration``,
     ``flagged``, each ``[M, K]``)."""
     m = len(names)
@@ -177,7 +178,8 @@ def model_shortcuts(cls_presence: torch.Tensor, class_sizes: torch.Tensor, beta:
             "separability": flag["separability"], "n_flagged": int(flagged.sum()),
             "classes_flagged": [c for c in range(m) if bool(flagged[c].any())],
             "prototypes_flagged": sorted({int(k) for k in flagged.nonzero()[:, 1].tolist()}),
-            "per_class": per_class, "ranking": ranking}
+            "per_class": per_class, "ranking": ranking,
+            "score": [[float(v) for v in row] for row in ev["score"]]}
     tensors = {"score": ev["score"], "skew": sk["skew"].float(), "effect": ev["effect"].float(),
                "one_sided": ev["one_sided"].float(), "concentration": conc.float(), "flagged": flagged}
     return data, tensors
