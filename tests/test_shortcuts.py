@@ -280,3 +280,24 @@ def test_the_readings_formulas_on_small_numbers():
     flag = flag_shortcuts(torch.tensor([[1.0, 0.01, 0.02, 0.0], [0.9, 0.015, 0.0, 0.01]]))
     assert flag["flagged"].tolist() == [[True, False, False, False], [True, False, False, False]]
     assert flag_shortcuts(torch.tensor([[1.0, 0.6, 0.4]]), 0.5)["flagged"].tolist() == [[True, True, False]]
+
+
+def test_i2x_analyze_prints_the_reading(decoy_run, tmp_path, capsys):
+    import shutil
+
+    from i2x.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(decoy_run["run"], run)
+    assert main(["analyze", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "shortcut candidates over the whole model" in out and "best candidates" in out
+    first = decoy_run["analysis"].shortcuts["ranking"][0]
+    assert f"prototype {first['prototype']} (S=" in out
+    assert main(["analyze", str(run), "--json", "--shortcut-threshold", "0.5"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["shortcuts"]["rule"] == "S >= 0.5 x max S"
+    assert any(e["flagged"] for e in data["shortcuts"]["per_class"])
+    with pytest.raises(SystemExit):
+        main(["analyze", str(run), "--shortcut-threshold", "2"])
+    assert "shortcut-threshold" in capsys.readouterr().err

@@ -161,8 +161,8 @@ def model_shortcuts(cls_presence: torch.Tensor, class_sizes: torch.Tensor, beta:
                 "skew": float(sk["skew"][c, k]), "effect": float(ev["effect"][c, k]),
                 "consistency": float(ev["consistency"][c, k]), "one_sided": float(ev["one_sided"][c, k]),
                 "concentration": float(conc[c, k]), "flagged": bool(flagged[c, k]),
-                "reason": (f"in {float(sk['inside'][c, k]):.0%} of {names[c]} vs {float(sk['outside'][c, k]):.0%} of "
-                           f"the rest; raised {names[c]} (mean beta {float(ev['effect'][c, k]):+.3g}, "
+                "reason": (f"in {float(sk['inside'][c, k]):.0%} of {names[c]} and {float(sk['outside'][c, k]):.0%} of "
+                           f"the other classes; raised {names[c]} (mean beta {float(ev['effect'][c, k]):+.3g}, "
                            f"{float(ev['one_sided'][c, k]):.0%} of its upward push); "
                            f"{float(conc[c, k]):.1f}x the saliency its area warrants")}
 
