@@ -277,6 +277,8 @@ def test_the_readings_formulas_on_small_numbers():
     ev = shortcut_scores(torch.ones(2, 1), beta, torch.ones(2, 1))
     assert torch.allclose(ev["one_sided"][:, 0], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
     assert torch.allclose(ev["score"][:, 0], torch.tensor([2 * 2 / 3, 1 / 3], dtype=torch.float64))
+    tripled = shortcut_scores(torch.ones(2, 1), beta, torch.tensor([[3.0], [0.5]]))["score"][:, 0]
+    assert torch.allclose(tripled, torch.tensor([3 * 2 * 2 / 3, 0.5 / 3], dtype=torch.float64))  # x concentration
     flag = flag_shortcuts(torch.tensor([[1.0, 0.01, 0.02, 0.0], [0.9, 0.015, 0.0, 0.01]]))
     assert flag["flagged"].tolist() == [[True, False, False, False], [True, False, False, False]]
     assert flag_shortcuts(torch.tensor([[1.0, 0.6, 0.4]]), 0.5)["flagged"].tolist() == [[True, True, False]]
