@@ -1,7 +1,9 @@
 """Stages 3-8: from a run's records and prototypes to what the model learned from which parts,
-when classes separated, and which prototypes are uncertain or decisive in the confused pairs.
+when classes separated, which prototypes are uncertain or decisive in the confused pairs, and
+which are shortcut candidates over the whole model.
 
 :mod:`i2x.analysis.readings` holds the formulas (pure functions of tensors, one per reading);
+:mod:`i2x.analysis.shortcuts` the model-wide shortcut reading;
 :mod:`i2x.analysis.run_analysis` runs them over a run folder and stores the result.
 """
 
@@ -53,6 +55,14 @@ from i2x.analysis.run_analysis import (
                                    explain_sample,
                                    load_analysis,
 )
+from i2x.analysis.shortcuts import (
+                                   SHORTCUT_FORMULA,
+                                   class_skew,
+                                   flag_shortcuts,
+                                   model_shortcuts,
+                                   saliency_concentration,
+                                   shortcut_scores,
+)
 
 __all__ = [
     # the run-level stage
@@ -66,4 +76,6 @@ __all__ = [
     "score_cancellation", "register_uncertainty_score", "uncertainty_scores", "resolve_uncertainty_score",
     "prototype_scores", "flag_uncertain", "pair_uncertainty", "score_decisive", "pair_decisive", "ZERO_VARIANCE_RTOL",
     "score_swing",
+    # the model-wide shortcut reading
+    "SHORTCUT_FORMULA", "class_skew", "saliency_concentration", "shortcut_scores", "flag_shortcuts", "model_shortcuts",
 ]

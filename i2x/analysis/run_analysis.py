@@ -22,6 +22,7 @@ import torch
 from i2x._internal.checks import (
     check_fraction,
     check_int,
+    check_number,
     check_positive_number,
     describe,
 )
@@ -45,6 +46,7 @@ from i2x.analysis.readings import (
     shared_and_specialised,
     uses_hdbscan,
 )
+from i2x.analysis.shortcuts import model_shortcuts
 from i2x.store import RunStoreError, open_run, read_record
 from i2x.track.prototypes import read_assignment
 
@@ -82,6 +84,7 @@ DEFAULTS: dict = {
     "pairs": None,
     "decisive_presence": 0.05,
     "decisive_fraction": 0.5,
+    "shortcut_threshold": "otsu",
 }
 
 #: How "present in a real share of the pair's samples" (the method, stage 8) is read:
@@ -150,6 +153,22 @@ class Analysis:
         entry = self.uncertainty(a, b)
         return [] if entry is None else [p["prototype"] for p in entry.get("decisive", [])]
 
+    @property
+    def shortcuts(self) -> dict | None:
+        """The model-wide shortcut reading (``analysis.json["shortcuts"]``); None for an analysis
+        written before it existed (re-run analyze)."""
+        return self.data.get("shortcuts")
+
+    def shortcut_prototypes(self, c: int | None = None) -> list[int]:
+        """The prototypes the model-wide reading flagged: for class ``c`` (highest score first), or
+        over all classes (ascending ids). Empty for an analysis without the reading."""
+        reading = self.shortcuts
+        if reading is None:
+            return []
+        if c is None:
+            return list(reading["prototypes_flagged"])
+        return [p["prototype"] for p in reading["per_class"][int(c)]["flagged"]]
+
     def flagged_prototypes(self, a: int, b: int, kinds: Sequence[str] = ("ambivalent", "decisive")) -> list[dict]:
         """Every flagged prototype of pair (a, b) with why: ``{"prototype", "kind", "score",
         "reason"}``, ambivalent first; a prototype flagged both ways is listed once, as ambivalent."""
@@ -199,6 +218,11 @@ def _check_options(opts: dict) -> tuple[dict, Callable, str]:
         if any(a == b for a, b in pairs):
             raise ValueError(f"pairs: a pair needs two different classes, got {o['pairs']!r}")
         o["pairs"] = pairs
+    if o["shortcut_threshold"] != "otsu":
+        if isinstance(o["shortcut_threshold"], str):
+            raise ValueError("shortcut_threshold: expected 'otsu' or a number in (0, 1], "
+                             f"got {o['shortcut_threshold']!r}")
+        o["shortcut_threshold"] = check_number(o["shortcut_threshold"], "shortcut_threshold", 0, 1, low_open=True)
     name, fn, formula = resolve_uncertainty_score(o["uncertainty_score"])
     o["uncertainty_score"] = name  # JSON records the name; a callable's is "callable:module.qualname"
     return o, fn, formula
@@ -239,7 +263,9 @@ def analyze(run, **options) -> Analysis:
     min_group_size, group_min_fraction, shared_presence, separation_threshold,
     n_timeline_prototypes, min_presence, n_pairs, uncertainty_regression ("pair", "pooled",
     "class_a"), uncertainty_score (a registered name or a callable d [T-1] -> float; default
-    "swing"), uncertainty_presence ("both_classes" or "pair_share"), flag_fraction.
+    "swing"), uncertainty_presence ("both_classes" or "pair_share"), flag_fraction, pairs,
+    decisive_presence, decisive_fraction, shortcut_threshold ("otsu" or a fraction of the top
+    score: the model-wide shortcut reading's cut, :mod:`i2x.analysis.shortcuts`).
     """
     o, score_fn, formula = _check_options(options)
     store = open_run(run)
@@ -363,6 +389,12 @@ def analyze(run, **options) -> Analysis:
                           "d": [float(v) for v in d[:, i]]} for i in decisive],
         })
 
+    # The model-wide reading: every class, no pair given (docs/analysis.md, "model-wide").
+    # JSON only: analysis.safetensors stays what it was before the reading, so an old run analysed
+    # again gives the same tensors file (tests/test_run_compat.py).
+    shortcuts, _ = model_shortcuts(cls_presence, sizes, beta_pooled, intensity[-1], counts, labels, names,
+                                   o["shortcut_threshold"])
+
     grid = store.grid
     assert grid is not None  # the run's first checkpoint recorded it
     data: dict[str, Any] = {
@@ -384,6 +416,7 @@ def analyze(run, **options) -> Analysis:
         "timeline": timeline,
         "timeline_skipped": timeline_skipped,
         "uncertainty": uncertainty,
+        "shortcuts": shortcuts,
     }
     record = {"schema_version": SCHEMA_VERSION, "options": o, "steps": steps,
               "files": ["analysis.json", "analysis.safetensors"]}

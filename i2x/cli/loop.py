@@ -33,6 +33,10 @@ def register(sub) -> None:
     add_model_data_options(curate)
     curate.add_argument("--pair", nargs=2, metavar=("A", "B"), default=None,
                         help="the pair (class indices or names; default: the analysis' most confused pair)")
+    curate.add_argument("--scope", choices=["pair", "model"], default="pair",
+                        help="pair (default): one confused pair's samples and flagged prototypes; model: every "
+                             "training sample, on the prototypes the analysis' model-wide shortcut reading flagged "
+                             "(max_fraction then caps each class)")
     curate.add_argument("--prototypes", type=int_list, default=None,
                         help="target these prototype ids, e.g. 3,7 (default: the pair's flagged ones)")
     curate.add_argument("--rule-option", dest="rule_options", action="append", type=key_value, default=[],
@@ -105,6 +109,8 @@ def _curate(args) -> int:
     store = open_run(args.run)
     options = _rule_options(args.rule_options)
     pair = None
+    if args.scope == "model" and args.pair is not None:
+        raise ValueError("--pair: --scope model reads every class; leave --pair out")
     if args.pair is not None:
         a, b = (class_index(store, t) for t in args.pair)
         pair = (min(a, b), max(a, b))
@@ -114,9 +120,9 @@ def _curate(args) -> int:
     try:
         targets = find_targets(store, model, train, pairs=[pair] if pair is not None else None,
                                prototypes=args.prototypes, device=args.device,
-                               memory_budget=args.memory_budget, **options)
+                               memory_budget=args.memory_budget, scope=args.scope, **options)
     except NothingToCurate as e:
-        if pair is None:
+        if pair is None and args.scope == "pair":
             first = (store.read_json("analysis").get("uncertainty") or [{}])[0].get("pair")
             pair = tuple(first) if first else None
         if args.json:
@@ -130,10 +136,13 @@ def _curate(args) -> int:
         print(json.dumps({"status": "ok", **summary}, indent=2))
         return 0
     names = store.classes
-    a, b = summary["pair"]
+    if summary["pair"] is None:
+        where = "every class"
+    else:
+        a, b = summary["pair"]
+        where = f"{class_label(names, a)} vs {class_label(names, b)}"
     print(f"i2x curate: {summary['targets']} targets among the {summary['pair_samples']} training samples of "
-          f"{class_label(names, a)} vs {class_label(names, b)} ({100 * summary['share']:.1f}%), written to "
-          f"{store.path / 'targets.json'}")
+          f"{where} ({100 * summary['share']:.1f}%), written to {store.path / 'targets.json'}")
     print(f"  {'class':<16} {'samples':>7} {'targets':>7} {'share':>7} {'errors':>6} {'targeted':>8}")
     for c, v in summary["per_class"].items():
         print(f"  {class_label(names, int(c)):<16} {v['samples']:>7} {v['targets']:>7} {100 * v['share']:>6.1f}% "

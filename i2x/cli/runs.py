@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from i2x.cli.common import (
@@ -52,12 +53,14 @@ def register(sub) -> None:
     track.set_defaults(handler=_track)
 
     analyze = sub.add_parser("analyze", parents=[COMMON],
-                             help="stages 3-8: beta^t, groups, timeline, uncertain prototypes",
+                             help="stages 3-8: beta^t, groups, timeline, uncertain prototypes, shortcuts",
                              description="Stages 3-8 on a tracked run: how each prototype moved each class over "
                                          "training (beta^t), the classes' groups, shared and specialised "
                                          "prototypes, when each pair of classes separated, and the uncertain and "
-                                         "decisive prototypes of the most confused pairs. Writes analysis.json and "
-                                         "analysis.safetensors into the run (docs/analysis.md). Options left out "
+                                         "decisive prototypes of the most confused pairs, and the model-wide "
+                                         "shortcut reading (per class, the one-sided prototypes the model leans "
+                                         "on). Writes analysis.json and analysis.safetensors into the run "
+                                         "(docs/analysis.md). Options left out "
                                          "keep the defaults.")
     analyze.add_argument("run", type=Path, help="the run folder (made by i2x train, i2x track or i2x.Tracker)")
     analyze.add_argument("--ridge-lambda", type=positive_float, help="ridge penalty of the beta regressions (1.0)")
@@ -76,6 +79,11 @@ def register(sub) -> None:
                          help="presence in a class above which a prototype is shared, 0-1 (0.5)")
     analyze.add_argument("--separation-threshold", type=finite_float,
                          help="confusion share below which a pair counts as separated, 0-1 (0.05)")
+    analyze.add_argument("--shortcut-threshold", type=_otsu_or_fraction,
+                         help="cut of the model-wide shortcut reading: 'otsu' (Otsu's split of the candidates' "
+                              "scores) or a fraction of the top score, 0-1 (otsu)")
+    analyze.add_argument("--shortcut-ranked", type=non_negative_int, default=5,
+                         help="best shortcut candidates to print, flagged or not (5; 0: none)")
     analyze.set_defaults(handler=_analyze)
 
     info = sub.add_parser("info", parents=[COMMON], help="what a run folder holds (without RUN: this i2x build)",
@@ -115,7 +123,7 @@ def _analyze(args) -> int:
     from i2x.analysis import analyze
 
     names = ("ridge_lambda", "n_pairs", "uncertainty_score", "uncertainty_regression", "uncertainty_presence",
-             "min_presence", "flag_fraction", "shared_presence", "separation_threshold")
+             "min_presence", "flag_fraction", "shared_presence", "separation_threshold", "shortcut_threshold")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     result = analyze(args.run, **options)
     pairs = [{"pair": e["pair"], "names": e["names"], "confusions": e["hard_confusions"],
@@ -129,11 +137,51 @@ def _analyze(args) -> int:
             a, b = entry["names"]
             flagged = ", ".join(f"{f['prototype']} (U={f['score']:.3g})" for f in entry["flagged"]) or "none"
             lines.append(f"  {a} vs {b}: {entry['hard_confusions']} confusions; uncertain prototypes: {flagged}")
-        return "\n".join(lines)
+        return "\n".join(lines + _shortcut_lines(reading, args.shortcut_ranked))
 
+    reading = result.shortcuts or {}
+    shortcuts = {"rule": reading.get("rule"), "threshold": reading.get("threshold"),
+                 "per_class": [{"class": e["class"], "name": e["name"],
+                                "flagged": [_evidence(p) for p in e["flagged"]]} for e in reading.get("per_class", [])],
+                 "ranking": [_evidence(p) for p in reading.get("ranking", [])[:args.shortcut_ranked]]}
     emit(args, {"run": str(args.run), "checkpoints": len(result.steps),
-                "prototypes": result.data["num_prototypes"], "pairs": pairs}, text)
+                "prototypes": result.data["num_prototypes"], "pairs": pairs, "shortcuts": shortcuts}, text)
     return 0
+
+
+def _otsu_or_fraction(text: str):
+    if text == "otsu":
+        return text
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected 'otsu' or a number in (0, 1], got {text!r}")
+    return value
+
+
+_EVIDENCE = ("prototype", "class", "score", "presence", "presence_other", "skew", "effect", "one_sided",
+             "concentration", "flagged")
+
+
+def _evidence(p: dict) -> dict:
+    return {k: p[k] for k in _EVIDENCE}
+
+
+def _shortcut_lines(reading: dict, ranked: int) -> list[str]:
+    """The model-wide reading as text: per class its flagged prototypes, then the best candidates."""
+    if not reading:
+        return []
+    lines = [f"  shortcut candidates over the whole model ({reading['rule']}, cut S > {reading['threshold']:.3g}; "
+             f"{reading['n_flagged']} flagged in {len(reading['classes_flagged'])} classes):"]
+    for entry in reading["per_class"]:
+        if entry["flagged"]:
+            lines.append(f"    {entry['name']}: " + "; ".join(f"prototype {p['prototype']} (S={p['score']:.3g}): "
+                                                            f"{p['reason']}" for p in entry["flagged"]))
+    if ranked:
+        names = {e["class"]: e["name"] for e in reading["per_class"]}
+        best = ", ".join(f"{p['prototype']}->{names[p['class']]} {p['score']:.3g}{'*' if p['flagged'] else ''}"
+                         for p in reading["ranking"][:ranked])
+        lines.append(f"    best candidates (prototype->class score, * flagged): {best}")
+    return lines
 
 
 def _info(args) -> int:

@@ -413,9 +413,14 @@ def experiment(
             skip_reason = "the run has no targets (run find_targets / i2x curate)"
         except NothingToCurate as e:
             skip_reason = str(e)
+    if targets is not None and targets.pair is None:
+        # The arms and their statistics are about one pair's confusions; model-scope targets have none.
+        raise ValueError("targets: the experiment compares arms on one pair's confusions, but these targets are "
+                         "model-wide (find_targets(scope='model')); use them directly (targets.transplanted(train) "
+                         "with i2x.finetune) or find the pair's targets")
     m = store.num_classes
     _check_pair_dataset(targets, train_dataset, test_dataset, m)
-    pair = list(targets.pair) if targets is not None else None
+    pair = list(targets.pair) if targets is not None and targets.pair is not None else None
     if pair is None:
         entry = store.read_json("analysis")["uncertainty"] if (store.path / "analysis.json").exists() else []
         if not entry:

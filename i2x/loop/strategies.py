@@ -21,7 +21,7 @@ from i2x._internal.checks import check_int
 from i2x.data import batch_of
 
 __all__ = ["PERTURB_MODES", "mass_share", "top_share", "pixel_masks", "epoch_permutation", "PerturbedDataset",
-           "TransplantedDataset", "OversampleSampler"]
+           "TransplantedDataset", "OversampleSampler", "transplant_rows"]
 
 PERTURB_MODES = ("fill", "blur", "noise")
 
@@ -193,6 +193,33 @@ class TransplantedDataset(_ReplacedImages):
         self.donors = donors
         self.recipients = recipients
         self.masks = masks
+
+
+def transplant_rows(labels: torch.Tensor, selected: torch.Tensor, classes, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Who pastes into whom: ``(donor rows, recipient rows)`` over rows with ``labels [R]`` and
+    ``selected [R]`` (the targets). For each class c of ``classes`` in turn, its targets donate to
+    non-target rows of the *other* classes not yet used (seeded draw; each recipient takes one;
+    with more donors than recipients a seeded subset of the donors). With the two classes of a
+    pair this is the pair transplant; with every class the cue is spread over all the others."""
+    used = torch.zeros_like(selected)
+    donors, recipients = [], []
+    for c in classes:
+        d_rows = (selected & (labels == c)).nonzero().flatten()
+        pool = ((~selected) & (labels != c) & (~used) & torch.isin(labels, torch.as_tensor(list(classes)))
+                ).nonzero().flatten()
+        if d_rows.numel() == 0 or pool.numel() == 0:
+            continue
+        pool = pool[torch.randperm(pool.numel(), generator=generator)]
+        if d_rows.numel() > pool.numel():  # more donors than recipients: each recipient takes one
+            d_rows = d_rows[torch.randperm(d_rows.numel(), generator=generator)[:pool.numel()]]
+        donors.append(d_rows)
+        recipients.append(pool[:d_rows.numel()])
+        used[recipients[-1]] = True
+    if not donors:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty.clone()
+    return torch.cat(donors), torch.cat(recipients)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int = 0) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from i2x._internal.checks import check_int, check_number, describe
 from i2x._internal.memory import auto_batch_size, check_memory_budget
 from i2x._internal.modules import eval_mode, run_device, unwrap_model
+from i2x._internal.otsu import otsu_threshold, separability
 from i2x._internal.profiling import profiled
 from i2x._internal.progress import bar
 from i2x._internal.tensors import as_grid
@@ -56,46 +57,12 @@ TARGET_DEFAULTS: dict = {
 SCORES = ("mass", "top")
 SELECTS = ("separable", "union")
 CAMS = ("pair", "true")
+SCOPES = ("pair", "model")
 WEIGHTS = ("none", "margin", "error")
 
 
 # ----------------------------------------------------------------------------------------------
 # The rule's pieces (pure functions over tensors)
-
-
-def otsu_threshold(scores: torch.Tensor, bins: int = 256) -> float:
-    """Otsu's threshold of 1-D scores: the cut that maximises the between-class variance of the
-    two sides (a histogram of ``bins`` bins over the scores' range). Constant scores -> their value."""
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    if s.numel() == 0:
-        raise ValueError("otsu_threshold: no scores")
-    lo, hi = float(s.min()), float(s.max())
-    if hi <= lo:
-        return hi
-    hist = torch.histc(s, bins=bins, min=lo, max=hi)
-    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
-    w0 = hist.cumsum(0)
-    w1 = hist.sum() - w0
-    m0 = (hist * centres).cumsum(0)
-    mu0 = m0 / w0.clamp(min=1)
-    mu1 = (m0[-1] - m0) / w1.clamp(min=1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    k = int(between[:-1].argmax())
-    return lo + (k + 1) * (hi - lo) / bins  # the upper edge of the last bin kept below the cut
-
-
-def separability(scores: torch.Tensor, threshold: float) -> float:
-    """Otsu's effectiveness of a split: the between-class variance of the two sides over the total
-    variance, in [0, 1]. About 0.64 for normal scores and 0.75 for uniform ones (no natural group);
-    near 1 when the scores fall into two tight groups (a cue some samples carry and others lack)."""
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    total = float(s.var(unbiased=False)) if s.numel() > 1 else 0.0
-    hi = s > threshold
-    if total == 0.0 or bool(hi.all()) or not bool(hi.any()):
-        return 0.0
-    w1 = float(hi.double().mean())
-    gap = float(s[hi].mean() - s[~hi].mean())
-    return w1 * (1 - w1) * gap * gap / total
 
 
 def check_target_options(options: dict) -> dict:
@@ -131,8 +98,9 @@ def _flagged(analysis, a: int, b: int, kinds, prototypes) -> list[dict]:
 def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: Sequence[int] | None = None,
                  device=None, progress: bool = False, save: bool = True, probe_dataset=None, *,
                  num_workers: int = 0, pin_memory: bool = False, memory_budget: float | None = None,
-                 **options) -> Targets:
-    """Score every training sample of a confused pair and choose the targets.
+                 scope: str = "pair", **options) -> Targets:
+    """Score every training sample of a confused pair (or, with ``scope="model"``, of every class)
+    and choose the targets.
 
     Args:
         run: a run folder (or ``RunStore``) with prototypes and an analysis.
@@ -153,6 +121,11 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
             ``probe_dataset``).
         memory_budget: MiB one scoring batch may use when the ``batch_size`` option is None (the
             default: 256 MiB, docs/memory.md).
+        scope: ``"pair"`` (default): one confused pair and its flagged prototypes, as above;
+            ``"model"``: every training sample, scored on the prototypes the analysis' model-wide
+            shortcut reading flagged (``analysis.json["shortcuts"]``) with its true class's CAM;
+            ``pairs`` must be left out, ``kinds`` and ``cam`` do not apply, ``max_fraction`` caps
+            each class (docs/curation.md).
         options: the rule (:data:`TARGET_DEFAULTS`): kinds, select, min_separability, score,
             cam, top_q, weight, threshold, max_fraction, batch_size.
 
@@ -162,6 +135,12 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     """
     o = check_target_options(options)
     check_memory_budget(memory_budget)
+    if not isinstance(scope, str):
+        raise TypeError(f"scope: expected 'pair' or 'model', got {describe(scope)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {list(SCOPES)}, got {scope!r}")
+    if scope == "model" and pairs is not None:
+        raise ValueError("pairs: scope='model' reads every class; leave pairs out (or use scope='pair')")
     store = open_run(run)
     if save:
         store.lock_for_writing()  # refuse now, not after scoring, when another process writes the run
@@ -173,6 +152,9 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
         raise ValueError(f"run {store.path} has no analysis: run `i2x analyze RUN` (i2x.analyze) first")
     analysis = load_analysis(store)
     protos = read_prototypes(store)
+    if scope == "model":
+        return _find_model_targets(store, analysis, protos, model, train_dataset, prototypes, device, progress, save,
+                                   probe_dataset, num_workers, pin_memory, memory_budget, o)
     a, b = _choose_pair(analysis, pairs, store.num_classes)
     flagged = _flagged(analysis, a, b, o["kinds"], prototypes)
     names = store.classes
@@ -257,14 +239,16 @@ def _pair_label(store: RunStore, a: int, b: int) -> str:
     return f"({a}, {b})" + (f" = ({names[a]}, {names[b]})" if named else "")
 
 
-def _nothing(store: RunStore, save: bool, a: int, b: int, why: str) -> None:
+def _nothing(store: RunStore, save: bool, a: int | None, b: int | None, why: str) -> None:
     """Raise NothingToCurate; with ``save`` the run's targets say so too, so an experiment cannot
-    pick up targets an earlier call left for another pair or rule."""
-    message = f"nothing to curate for {_pair_label(store, a, b)}: {why}"
+    pick up targets an earlier call left for another pair or rule. ``a = b = None``: model scope."""
+    where = "the model" if a is None or b is None else _pair_label(store, a, b)
+    message = f"nothing to curate for {where}: {why}"
+    pair = None if a is None or b is None else [a, b]
     if save:
         store.write_json("targets", {"schema": TARGETS_SCHEMA, "schema_version": 1, "status": "nothing_to_curate",
-                                     "pair": [a, b], "message": message},
-                         record={"pair": [a, b], "targets": 0})
+                                     "pair": pair, "message": message},
+                         record={"pair": pair, "targets": 0})
         stale = store.path / "targets.safetensors"
         if stale.exists():
             stale.unlink()
@@ -318,14 +302,7 @@ def _score_batch(explainer, protos, x, y, a, b, ids, o, grid):
         raise ValueError("the model's output holds NaN or inf on the training samples; is it the run's final model?")
     cam_true = explainer.explain_from(captured, logits, y)
     cam_rival = explainer.explain_from(captured, logits, rival)
-    features = as_grid(captured.activations[0].detach(), explainer.layer_names[0], explainer.reshape)
-    if grid is not None and tuple(features.shape[-2:]) != grid:
-        raise ValueError(f"layer grid is {tuple(features.shape[-2:])} but the run's is {grid}: the model or input "
-                         "size does not match the run")
-    if features.shape[1] != protos.mean.shape[0]:
-        raise ValueError(f"layer has {features.shape[1]} channels but the run's prototypes were fitted on "
-                         f"{protos.mean.shape[0]}: the model does not match the run")
-    assignment = protos.assign(features.float())
+    assignment = _assign(explainer, protos, captured, grid)
     # Column j < F: prototype ids[j] alone; column F: all flagged prototypes together.
     masks = [assignment == k for k in ids.tolist()] + [torch.isin(assignment, ids)]
     shares = []
@@ -338,6 +315,19 @@ def _score_batch(explainer, protos, x, y, a, b, ids, o, grid):
     margin = logits.gather(1, y[:, None])[:, 0] - logits.gather(1, rival[:, None])[:, 0]
     return {"share": torch.stack(shares, 1), "margin": margin, "pred": logits.argmax(1),
             "assignment": assignment.to(torch.int16)}
+
+
+def _assign(explainer, protos, captured, grid):
+    """The captured layer features assigned to the run's prototypes, after checking they match the run."""
+    features = as_grid(captured.activations[0].detach(), explainer.layer_names[0], explainer.reshape)
+    if grid is not None and tuple(features.shape[-2:]) != grid:
+        raise ValueError(f"layer grid is {tuple(features.shape[-2:])} but the run's is {grid}: the model or input "
+                         "size does not match the run")
+    if features.shape[1] != protos.mean.shape[0]:
+        raise ValueError(f"layer has {features.shape[1]} channels but the run's prototypes were fitted on "
+                         f"{protos.mean.shape[0]}: the model does not match the run")
+    assignment = protos.assign(features.float())
+    return assignment
 
 
 def _share(cam, mask, o):
@@ -408,3 +398,131 @@ def _progress(total: int, enabled: bool, desc: str):
     return bar(total=total, desc=desc, unit="sample", enabled=enabled)
 
 
+# ----------------------------------------------------------------------------------------------
+# scope="model": every class, on the model-wide shortcut reading
+
+
+def _model_flagged(analysis, prototypes) -> list[dict]:
+    if prototypes is not None:
+        return [{"prototype": int(k), "kind": "given", "score": None, "classes": None,
+                 "reason": "given by the caller"} for k in prototypes]
+    reading = analysis.shortcuts
+    if reading is None:
+        raise ValueError("the run's analysis has no model-wide shortcut reading (written by an older i2x): "
+                         "re-run `i2x analyze RUN` (i2x.analyze)")
+    by_k: dict[int, dict] = {}
+    for entry in reading["per_class"]:
+        for p in entry["flagged"]:
+            k = int(p["prototype"])
+            if k not in by_k:
+                by_k[k] = {"prototype": k, "kind": "shortcut", "score": p["score"], "classes": [],
+                           "reason": f"shortcut: {entry['name']}: {p['reason']}"}
+            by_k[k]["classes"].append(int(entry["class"]))
+            by_k[k]["score"] = max(by_k[k]["score"], p["score"])
+    return sorted(by_k.values(), key=lambda p: (-p["score"], p["prototype"]))
+
+
+def _find_model_targets(store, analysis, protos, model, train_dataset, prototypes, device, progress, save,
+                        probe_dataset, num_workers, pin_memory, memory_budget, o) -> Targets:
+    """find_targets(scope="model"): every training sample, its true class's CAM share on each
+    flagged shortcut prototype, a per-prototype Otsu split over all samples (as ``select="separable"``),
+    at most ``max_fraction`` of each class."""
+    flagged = _model_flagged(analysis, prototypes)
+    if not flagged:
+        _nothing(store, save, None, None, "the model-wide reading flagged no shortcut prototype")
+    ids = torch.tensor([p["prototype"] for p in flagged], dtype=torch.int64)
+    if int(ids.min()) < 0 or int(ids.max()) >= protos.n_prototypes:
+        raise ValueError(f"prototypes: expected ids in [0, {protos.n_prototypes}), got {ids.tolist()}")
+    m = store.num_classes
+    labels = labels_of(train_dataset)
+    if int(labels.max()) >= m:
+        raise ValueError(f"train_dataset has label {int(labels.max())} but the run has {m} classes")
+    rows = torch.arange(labels.numel())
+    module = unwrap_model(model)
+    explainer = Explainer(module, store.manifest["model"]["layer"],
+                          method=store.manifest["model"].get("method", "gradcam"))
+    device = run_device(module, device)
+    workers = check_int(num_workers, "num_workers", minimum=0)
+    reading: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(pin_memory)}
+    calibration = (_calibration_images(store, train_dataset, reading, labels) if probe_dataset is None
+                   else _calibration_images(store, probe_dataset, reading))
+    grid = tuple(store.grid) if store.grid else None
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("share", "margin", "pred", "rival", "assignment")}
+    progress_bar = _progress(rows.numel(), progress, "targets over the model")
+    if o["batch_size"] is None:
+        def step(x: torch.Tensor) -> None:
+            _score_model_batch(explainer, protos, x, torch.zeros(x.shape[0], dtype=torch.int64, device=device),
+                               ids.to(device), o, None)
+
+        with eval_mode(module):
+            batch_size = auto_batch_size(step, images_at(train_dataset, rows[:1])[0].to(device), memory_budget,
+                                         in_flight=0 if holds_tensors(train_dataset) else 2 * workers)
+    else:
+        batch_size = o["batch_size"]
+    with recalibrated_batchnorm(module, calibration, device), eval_mode(module):
+        for start, x in batches_at(train_dataset, rows, batch_size, **reading):
+            y = labels[rows[start:start + x.shape[0]]]
+            res = _score_model_batch(explainer, protos, x.to(device), y.to(device), ids.to(device), o, grid)
+            for k, v in res.items():
+                out[k].append(v.cpu())
+            progress_bar.update(x.shape[0])
+    progress_bar.close()
+    shares = torch.cat(out["share"]).float()  # [N, F + 1]
+    margins, preds = torch.cat(out["margin"]).float(), torch.cat(out["pred"])
+    rivals, assignment = torch.cat(out["rival"]), torch.cat(out["assignment"]).long()
+    weighted = shares * _weights(margins, preds, labels, o["weight"])[:, None]
+    if o["select"] == "separable":
+        # Every flagged prototype is kept: the model-wide reading already chose them, and over all
+        # classes a class's own part splits the samples as cleanly as a mark does, so separability
+        # (recorded) cannot tell them apart. The cap is per class (_cap_per_class below).
+        kept, selected, scores, stats = _select_separable(weighted[:, :-1], ids,
+                                                          {**o, "max_fraction": 1.0, "min_separability": 0.0})
+        share, used, threshold = shares[:, :-1][:, kept].max(1).values, ids[kept], None
+    else:
+        scores, share, used, stats = weighted[:, -1], shares[:, -1], ids, None
+        selected, threshold = _select(scores, o["threshold"])
+    if not bool(selected.any()):
+        _nothing(store, save, None, None, "no sample's target score clears the rule's threshold")
+    selected = _cap_per_class(selected, scores, labels, o["max_fraction"])
+    for p in flagged:
+        p["used"] = p["prototype"] in used.tolist()
+        if stats is not None:
+            p.update(stats[p["prototype"]])
+    rule = {**o, "kinds": ["shortcut"], "cam": "true", "scope": "model", "threshold_used": threshold,
+            "prototypes_used": used.tolist(),
+            "fallback": bool(stats is not None and not any(v["separable"] for v in stats.values()))}
+    targets = Targets(None, flagged, rows, labels.clone(), rivals, scores.float(), share.float(), margins, preds,
+                      torch.isin(assignment, used), selected, rule, (x.shape[-2], x.shape[-1]), list(store.classes),
+                      scope="model")
+    if save:
+        save_targets(store, targets)
+    return targets
+
+
+def _score_model_batch(explainer, protos, x, y, ids, o, grid):
+    """Shares of the true class's CAM mass on each flagged prototype (and on all together), the
+    margin over the strongest other class, the prediction and the cells' prototypes."""
+    with torch.enable_grad(), explainer.capture() as captured:
+        logits = explainer.model(x)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's output holds NaN or inf on the training samples; is it the run's final model?")
+    cam = explainer.explain_from(captured, logits, y).detach()
+    assignment = _assign(explainer, protos, captured, grid)
+    masks = [assignment == k for k in ids.tolist()] + [torch.isin(assignment, ids)]
+    shares = torch.stack([_share(cam, mask, o) for mask in masks], 1)
+    logits = logits.detach().float()
+    others = logits.scatter(1, y[:, None], -math.inf)
+    rival = others.argmax(1)
+    margin = logits.gather(1, y[:, None])[:, 0] - others.max(1).values
+    return {"share": shares, "margin": margin, "pred": logits.argmax(1), "rival": rival,
+            "assignment": assignment.to(torch.int16)}
+
+
+def _cap_per_class(selected: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, max_fraction: float):
+    """Never more than ``max_fraction`` of any class: the class's highest scores are kept."""
+    out = selected.clone()
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        capped, _ = _cap(selected[rows], scores[rows], max_fraction, None)
+        out[rows] = capped
+    return out

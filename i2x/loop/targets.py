@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from i2x.loop.strategies import (
     PerturbedDataset,
     TransplantedDataset,
     pixel_masks,
+    transplant_rows,
 )
 from i2x.store import RunStore, RunStoreError, open_run, read_record
 
@@ -63,9 +65,11 @@ class Targets:
     selected ``[R]`` bool: the targets. pixel_override: ``[R, H, W]`` bool masks that replace the
     upsampled cells (an oracle built from known regions), or None.
     rule: the rule's options and the threshold it used (JSON). image_hw: ``(H, W)``.
+    scope: ``"pair"`` (rows: the pair's samples) or ``"model"`` (``find_targets(scope="model")``:
+    rows are every training sample, ``pair`` is None, a row's rival is its strongest other class).
     """
 
-    pair: tuple[int, int]
+    pair: tuple[int, int] | None
     prototypes: list[dict]
     indices: torch.Tensor
     labels: torch.Tensor
@@ -80,6 +84,14 @@ class Targets:
     image_hw: tuple[int, int]
     classes: list[str] = field(default_factory=list)
     pixel_override: torch.Tensor | None = None
+    scope: str = "pair"
+
+    @property
+    def acted_classes(self) -> list[int]:
+        """The classes the targets are drawn from: the pair, or every class with a row (model scope)."""
+        if self.pair is not None:
+            return list(self.pair)
+        return sorted(int(c) for c in self.labels.unique())
 
     # -- what was chosen ---------------------------------------------------------------------
 
@@ -93,9 +105,8 @@ class Targets:
 
     def summary(self) -> dict:
         """Counts and shares flagged per class (JSON), the numbers a user checks first."""
-        a, b = self.pair
         per_class = {}
-        for c in (a, b):
+        for c in self.acted_classes:
             in_c = self.labels == c
             n = int(in_c.sum())
             k = int((self.selected & in_c).sum())
@@ -107,9 +118,12 @@ class Targets:
                 "mean_margin_targets": float(self.margins[self.selected & in_c].mean()) if k else None,
                 "mean_margin_class": float(self.margins[in_c].mean()) if n else None,
             }
-        return {"pair": list(self.pair), "targets": len(self), "pair_samples": int(self.indices.numel()),
-                "share": len(self) / max(1, int(self.indices.numel())), "per_class": per_class,
-                "prototypes": self.prototypes, "rule": self.rule}
+        out: dict[str, Any] = {"pair": None if self.pair is None else list(self.pair), "targets": len(self),
+               "pair_samples": int(self.indices.numel()), "share": len(self) / max(1, int(self.indices.numel())),
+               "per_class": per_class, "prototypes": self.prototypes, "rule": self.rule}
+        if self.scope != "pair":
+            out["scope"] = self.scope
+        return out
 
     def masks_for(self, rows: torch.Tensor, dilate: int | None = None) -> torch.Tensor:
         """Pixel masks ``[len(rows), H, W]`` bool of the flagged cells of these rows."""
@@ -170,7 +184,7 @@ class Targets:
         """Rows of random samples, as many per class as there are targets of that class."""
         g = torch.Generator().manual_seed(int(seed))
         rows = []
-        for c in self.pair:
+        for c in self.acted_classes:
             in_c = (self.labels == c).nonzero().flatten()
             k = int((self.selected & (self.labels == c)).sum())
             rows.append(in_c[torch.randperm(in_c.numel(), generator=g)[:k]])
@@ -186,26 +200,15 @@ class Targets:
 
     def transplanted(self, dataset, seed: int = 0, dilate: int | None = None) -> TransplantedDataset:
         """``transplant``: the flagged region of every target is pasted, at the same place, into a
-        random non-target sample of the pair's other class (each recipient gets one), so the cue
-        appears in both classes as often and stops predicting either. The targets are kept as they are."""
+        random non-target sample of another class (each recipient gets one), so the cue stops
+        predicting the class it came from. Pair scope: the pair's other class, so the cue appears
+        in both as often; model scope: any other class. The targets are kept as they are."""
         self.check_dataset(dataset)
         g = torch.Generator().manual_seed(int(seed))
-        donors, recipients = [], []
-        for c in self.pair:
-            rival = self.pair[1] if c == self.pair[0] else self.pair[0]
-            d_rows = (self.selected & (self.labels == c)).nonzero().flatten()
-            pool = ((~self.selected) & (self.labels == rival)).nonzero().flatten()
-            if d_rows.numel() == 0 or pool.numel() == 0:
-                continue
-            pool = pool[torch.randperm(pool.numel(), generator=g)]
-            if d_rows.numel() > pool.numel():  # more donors than recipients: each recipient takes one
-                d_rows = d_rows[torch.randperm(d_rows.numel(), generator=g)[:pool.numel()]]
-            donors.append(d_rows)
-            recipients.append(pool[:d_rows.numel()])
-        if not donors:
-            raise NothingToCurate(f"transplant for pair {self.pair}: no targets, "
-                                  "or no non-target samples to paste into")
-        d_rows, r_rows = torch.cat(donors), torch.cat(recipients)
+        d_rows, r_rows = transplant_rows(self.labels, self.selected, self.acted_classes, g)
+        if d_rows.numel() == 0:
+            where = "the model" if self.pair is None else f"pair {self.pair}"
+            raise NothingToCurate(f"transplant for {where}: no targets, or no non-target samples to paste into")
         return TransplantedDataset(dataset, self.indices[d_rows], self.indices[r_rows], self.masks_for(d_rows, dilate))
 
     def sampler(self, dataset, extra: int | None = None, seed: int = 0) -> OversampleSampler:
@@ -232,7 +235,7 @@ class Targets:
     def refuse_emptied_class(self, dataset, keep: torch.Tensor) -> None:
         """ValueError when keeping only the ``keep [len(dataset)]`` samples would leave a class of the
         pair with none of its targeted-pool samples (an exclusion arm would erase the class)."""
-        for c in self.pair:
+        for c in self.acted_classes:
             if not bool((self.labels == c).any()):
                 continue
             if not bool((self.labels[keep[self.indices]] == c).any()):
@@ -249,9 +252,12 @@ class Targets:
         return t
 
     def to_json(self) -> dict:
-        return {"schema": TARGETS_SCHEMA, "schema_version": 1, "pair": list(self.pair), "image_hw": list(self.image_hw),
-                "classes": list(self.classes), "summary": self.summary(),
+        data = {"schema": TARGETS_SCHEMA, "schema_version": 1, "pair": None if self.pair is None else list(self.pair),
+                "image_hw": list(self.image_hw), "classes": list(self.classes), "summary": self.summary(),
                 "targets": self.target_indices.tolist()}
+        if self.scope != "pair":  # version 2 adds the scope; a pair's file stays as version 1 wrote it
+            data.update(schema_version=2, scope=self.scope)
+        return data
 
 
 _TENSORS = ("indices", "labels", "rivals", "scores", "shares", "margins", "predictions", "cell_masks", "selected")
@@ -297,7 +303,8 @@ def known_targets(train_dataset, pair: tuple[int, int], indices, pixel_masks_: t
 
 def save_targets(store: RunStore, targets: Targets) -> None:
     """``targets.safetensors`` first, then ``targets.json`` (both atomic)."""
-    record = {"pair": list(targets.pair), "targets": len(targets)}
+    record = {"pair": None if targets.pair is None else list(targets.pair), "targets": len(targets),
+              **({"scope": targets.scope} if targets.scope != "pair" else {})}
     store.write_tensors("targets", targets.to_tensors(), record=record)
     store.write_json("targets", targets.to_json(), record=record)
 
@@ -309,8 +316,11 @@ def load_targets(run) -> Targets:
         raise FileNotFoundError(f"run {store.path} has no targets.json: run `i2x curate RUN --data NAME` "
                                 "(i2x.find_targets) first")
     data = read_record(store.path / "targets.json", TARGETS_SCHEMA, "i2x targets")
+    if data.get("schema_version", 1) not in (1, 2):
+        raise RunStoreError(f"{store.path / 'targets.json'} has schema version {data.get('schema_version')!r}; this "
+                            "i2x reads 1 and 2. Re-run find_targets.")
     if data.get("status") == "nothing_to_curate":
-        raise NothingToCurate(str(data.get("message", f"nothing to curate for {tuple(data.get('pair', ()))}")))
+        raise NothingToCurate(str(data.get("message", f"nothing to curate for {tuple(data.get('pair') or ())}")))
     if not (store.path / "targets.safetensors").exists():
         raise RunStoreError(f"run {store.path} has targets.json but no targets.safetensors; re-run find_targets")
     t = store.read_tensors("targets", required=_TENSORS)
@@ -321,8 +331,9 @@ def load_targets(run) -> Targets:
     if sorted(t["indices"][selected].tolist()) != sorted(data["targets"]):
         raise RunStoreError(f"{store.path}: targets.json and targets.safetensors disagree; re-run find_targets")
     s = data["summary"]
-    return Targets(tuple(data["pair"]), s["prototypes"], t["indices"], t["labels"], t["rivals"], t["scores"],
+    pair = None if data.get("pair") is None else tuple(data["pair"])
+    return Targets(pair, s["prototypes"], t["indices"], t["labels"], t["rivals"], t["scores"],
                    t["shares"], t["margins"], t["predictions"], t["cell_masks"].bool(), selected, s["rule"],
-                   tuple(data["image_hw"]), list(data["classes"]))
+                   tuple(data["image_hw"]), list(data["classes"]), scope=data.get("scope", "pair"))
 
 

@@ -341,7 +341,7 @@ def cam_samples(
     cells = torch.isin(r.protos.assignment[rows], torch.tensor(prototypes))
     share = mass_share(r.final_saliency[rows], cells)
     targeted = torch.zeros(rows.numel(), dtype=torch.bool)
-    if r.targets is not None and tuple(r.targets.pair) == (a, b):
+    if r.targets is not None and r.targets.pair is not None and tuple(r.targets.pair) == (a, b):
         targeted = torch.isin(r.probe_indices[rows], r.targets.target_indices)
     order = sorted(range(rows.numel()), key=lambda i: (not bool(targeted[i]), -float(share[i]), i))[:n]
     return [(int(rows[i]), float(share[i]), bool(targeted[i])) for i in order]
@@ -429,8 +429,12 @@ def curation(r: LoadedRun) -> str:
         return r.note(r.targets_note)
     t, classes = r.targets, r.store.classes
     s = t.summary()
-    a, b = s["pair"]
-    parts = [f"<p>Pair {_e(classes[a])} vs {_e(classes[b])}: {s['targets']} of its {s['pair_samples']} training "
+    if s["pair"] is None:  # model-scope targets (find_targets(scope="model"))
+        where = "Over every class"
+    else:
+        a, b = s["pair"]
+        where = f"Pair {_e(classes[a])} vs {_e(classes[b])}"
+    parts = [f"<p>{where}: {s['targets']} of its {s['pair_samples']} training "
              f"samples are targets ({_pct(s['share'])}), the samples whose CAM rests on the flagged prototypes.</p>"]
     rows = [[v["name"], v["samples"], v["targets"], _pct(v["share"]), v["errors"], v["errors_targeted"],
              "-" if v["mean_margin_targets"] is None else f"{v['mean_margin_targets']:+.2f}",
