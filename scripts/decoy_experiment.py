@@ -1,0 +1,226 @@
+"""Shortcut repair on Decoy-FashionMNIST: i2x's model-wide loop against RRR, JTT and DFR.
+
+    python -P scripts/decoy_experiment.py OUT [--seeds 5] [--train-size N] [--epochs 4] [--ft-epochs 1]
+                                              [--arms vanilla,clean,...] [--publish docs/results/decoy-fashion-mnist]
+
+One decoyed model (small-resnet, ``--epochs`` of i2x's recipe on decoy-fashion-mnist, tracked, its
+prototypes and analysis) and one clean model (the same recipe on Fashion-MNIST) are trained once.
+Every arm then fine-tunes a copy of the decoyed model (the clean arm: of the clean model) for
+``--ft-epochs`` epochs with the same optimiser, learning rate, batch and data order per seed:
+
+    vanilla      the decoyed training set as it is (the control)
+    clean        the clean model on clean data (the reference the gap is measured to)
+    rrr_masks    + RRR on the ground-truth decoy masks (the human-mask upper bound)
+    rrr_i2x      + RRR on i2x's flagged regions (model-scope targets; no human masks)
+    jtt          JTT: the decoyed model's training errors upweighted (lambda_up 20)
+    dfr_i2x      vanilla, then DFR-style last-layer refit on a set balanced by i2x's groups
+                 (class x "a flagged shortcut prototype is in the image"); DFR proper uses group labels
+    random       control: as many random samples of each class dropped as i2x's targets hold
+    hard         control: the lowest-margin samples drawn once more
+    transplanted i2x: each target's flagged region pasted into an image of another class
+
+i2x's arms never see the masks. Each cell is written to ``OUT/cells/ARM-SEED.json`` when it
+finishes; a second run skips finished cells. Measured per cell: accuracy on the decoyed and the
+clean test sets, and the wrong-reason share (GradCAM relevance inside the decoy mask, averaged
+over ``--wrong-reason-images`` decoyed test images). ``OUT/results.json`` and ``results.md``
+hold the table: means, paired differences against ``vanilla`` with 95% t-intervals over seeds,
+and the share of the vanilla-to-clean gap each arm recovers on the decoyed test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import i2x
+from i2x.apps.demo import train_run
+from i2x.data import load_dataset, training_subset
+from i2x.loop import RRRPenalty, dfr_retrain, find_targets, jtt_error_set, jtt_sampler
+from i2x.loop.experiments import paired_interval
+from i2x.loop.targets import load_targets
+from i2x.loop.training import calibration_images, evaluate, finetune
+from i2x.store import RunStore
+
+ARMS = ("vanilla", "clean", "rrr_masks", "rrr_i2x", "jtt", "dfr_i2x", "random", "hard", "transplanted")
+I2X_ARMS = ("rrr_i2x", "dfr_i2x", "transplanted")
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def prepare(out: Path, args) -> dict:
+    """The data, the decoyed and the clean model (trained once, reused), the analysis and the targets."""
+    full = load_dataset("decoy-fashion-mnist", train=True)
+    train, record = training_subset(full, args.train_size, seed=0)
+    record.update(name="decoy-fashion-mnist", decoy_seed=0)
+    clean_full = load_dataset("fashion-mnist", train=True)
+    clean_train, clean_record = training_subset(clean_full, args.train_size, seed=0)
+    test = load_dataset("decoy-fashion-mnist", train=False)
+    clean_test = load_dataset("fashion-mnist", train=False)
+    _, decoyed, _ = train_run(out / "decoyed", train, epochs=args.epochs, probe_size=args.probe_size,
+                              n_prototypes=args.n_prototypes, dataset_record=record)
+    _, clean, _ = train_run(out / "clean", clean_train, epochs=args.epochs, probe_size=args.probe_size,
+                            n_prototypes=args.n_prototypes, dataset_record=clean_record)
+    store = RunStore.open(out / "decoyed")
+    if not store.has("analysis"):
+        i2x.analyze(store.path)
+    try:
+        targets = load_targets(store.path)
+    except FileNotFoundError:
+        targets = find_targets(store.path, decoyed, train, scope="model", progress=True)
+    return {"train": train, "clean_train": clean_train, "test": test, "clean_test": clean_test,
+            "decoyed": decoyed, "clean": clean, "targets": targets}
+
+
+def _measure(model, ctx: dict, calibration, n_wrong: int) -> dict:
+    test, clean_test = ctx["test"], ctx["clean_test"]
+    acc = evaluate(model, test, calibration, num_classes=test.num_classes)["accuracy"]
+    clean_acc = evaluate(model, clean_test, calibration, num_classes=test.num_classes)["accuracy"]
+    from i2x.track.batchnorm import recalibrated_batchnorm
+
+    with recalibrated_batchnorm(model, calibration, torch.device("cpu")):
+        share = i2x.wrong_reason_share(model.eval(), test.images[:n_wrong], test.masks[:n_wrong])
+    return {"decoyed_accuracy": acc, "clean_accuracy": clean_acc, "wrong_reason": float(share.value)}
+
+
+def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
+    train, targets = ctx["train"], ctx["targets"]
+    recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size}
+    start = ctx["clean"] if arm == "clean" else ctx["decoyed"]
+    model = copy.deepcopy(start)
+    began = time.perf_counter()
+    if arm == "clean":
+        finetune(model, ctx["clean_train"], **recipe)
+    elif arm in ("vanilla", "dfr_i2x"):
+        finetune(model, train, **recipe)
+        if arm == "dfr_i2x":
+            flagged = torch.zeros(len(train), dtype=torch.int64)
+            flagged[targets.target_indices] = 1
+            dfr_retrain(model, train, train.labels * 2 + flagged, seed=seed,
+                        calibration=calibration_images(train))
+    elif arm == "rrr_masks":
+        finetune(model, train, penalty=RRRPenalty(train.masks, weight=args.rrr_weight), **recipe)
+    elif arm == "rrr_i2x":
+        finetune(model, train, penalty=RRRPenalty.from_targets(targets, train, weight=args.rrr_weight), **recipe)
+    elif arm == "jtt":
+        errors = jtt_error_set(ctx["decoyed"], train, calibration=calibration_images(train))
+        finetune(model, train, sampler=jtt_sampler(train, errors, seed=seed), **recipe)
+    elif arm == "random":
+        finetune(model, targets.random_subset(train, seed=seed), **recipe)
+    elif arm == "hard":
+        finetune(model, train, sampler=targets.hard_sampler(train, seed=seed), **recipe)
+    elif arm == "transplanted":
+        finetune(model, targets.transplanted(train, seed=seed), **recipe)
+    else:
+        raise ValueError(f"--arms: unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    trained_s = time.perf_counter() - began
+    calibration = calibration_images(ctx["clean_train"] if arm == "clean" else train)
+    return {"arm": arm, "seed": seed, "train_s": round(trained_s, 1), **_measure(model, ctx, calibration,
+                                                                                  args.wrong_reason_images)}
+
+
+def summarize(cells: list[dict], arms: list[str], seeds: list[int]) -> dict:
+    by = {(c["arm"], c["seed"]): c for c in cells}
+    table = {}
+    for arm in arms:
+        mine = [by[(arm, s)] for s in seeds if (arm, s) in by]
+        if not mine:
+            continue
+        entry = {"seeds": [c["seed"] for c in mine]}
+        for key in ("decoyed_accuracy", "clean_accuracy", "wrong_reason"):
+            entry[key] = sum(c[key] for c in mine) / len(mine)
+            paired = [by[(arm, c["seed"])][key] - by[("vanilla", c["seed"])][key]
+                      for c in mine if ("vanilla", c["seed"]) in by]
+            if paired and arm != "vanilla":
+                entry[f"{key}_vs_vanilla"] = paired_interval(paired)
+        gaps = [(by[(arm, s)]["decoyed_accuracy"] - by[("vanilla", s)]["decoyed_accuracy"])
+                / (by[("clean", s)]["decoyed_accuracy"] - by[("vanilla", s)]["decoyed_accuracy"])
+                for s in entry["seeds"] if ("vanilla", s) in by and ("clean", s) in by
+                and by[("clean", s)]["decoyed_accuracy"] != by[("vanilla", s)]["decoyed_accuracy"]]
+        if gaps and arm not in ("vanilla", "clean"):
+            entry["gap_recovered"] = paired_interval(gaps)
+        table[arm] = entry
+    return table
+
+
+def _ci(d: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not d:
+        return "-"
+    if d["lo"] is None:
+        return f"{scale * d['mean']:+.{digits}f} (one seed: no interval)"
+    return f"{scale * d['mean']:+.{digits}f} [{scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f}]"
+
+
+def markdown(table: dict, config: dict) -> str:
+    lines = [f"Config: {json.dumps(config)}", "",
+             "| arm | seeds | decoyed test acc % | vs vanilla (pts) | gap recovered % | clean test acc % | "
+             "wrong-reason share | vs vanilla |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, e in table.items():
+        lines.append(f"| {arm} | {len(e['seeds'])} | {100 * e['decoyed_accuracy']:.1f} | "
+                     f"{_ci(e.get('decoyed_accuracy_vs_vanilla'), 100)} | {_ci(e.get('gap_recovered'), 100, 0)} | "
+                     f"{100 * e['clean_accuracy']:.1f} | {e['wrong_reason']:.3f} | "
+                     f"{_ci(e.get('wrong_reason_vs_vanilla'), 1, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--train-size", type=int, default=None, help="a stratified subset of the 60,000 images")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of the decoyed and the clean model")
+    p.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs of every arm")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--probe-size", type=int, default=2000)
+    p.add_argument("--n-prototypes", type=int, default=32)
+    p.add_argument("--rrr-weight", type=float, default=10.0)
+    p.add_argument("--wrong-reason-images", type=int, default=1000)
+    p.add_argument("--publish", type=Path, default=None, help="also write PATH.json and PATH.md")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        p.error(f"--arms: unknown {bad}; known: {', '.join(ARMS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cells").mkdir(exist_ok=True)
+    ctx = prepare(args.out, args)
+    seeds = list(range(args.seeds))
+    cells = []
+    for seed in seeds:
+        for arm in arms:
+            path = args.out / "cells" / f"{arm}-{seed}.json"
+            if path.exists():
+                cells.append(json.loads(path.read_text()))
+                continue
+            cell = run_cell(arm, seed, ctx, args)
+            _write_json(path, cell)
+            cells.append(cell)
+            print(f"{arm} seed {seed}: decoyed {100 * cell['decoyed_accuracy']:.1f}%, clean "
+                  f"{100 * cell['clean_accuracy']:.1f}%, wrong-reason {cell['wrong_reason']:.3f} "
+                  f"({cell['train_s']:.0f} s)", flush=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config["targets"] = ctx["targets"].summary()
+    table = summarize(cells, arms, seeds)
+    results = {"config": config, "cells": cells, "table": table}
+    _write_json(args.out / "results.json", results)
+    text = markdown(table, {k: config[k] for k in ("seeds", "train_size", "epochs", "ft_epochs", "rrr_weight")})
+    (args.out / "results.md").write_text(text)
+    if args.publish:
+        _write_json(args.publish.with_suffix(".json"), results)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
