@@ -184,3 +184,15 @@ def test_a_record_stays_within_its_budget(budget, size):
     assert r["batch"] > 4
     assert r["growth_mib"] <= 1.25 * budget, r
     assert r["growth_mib"] >= 0.3 * budget, r
+
+
+@pytest.mark.parametrize("verb", [["train", "RUN", "--data", "digits"], ["demo", "RUN"],
+                                  ["track", "--run", "RUN", "--checkpoints", ".", "--dataset", "digits",
+                                   "--model", "small-resnet"]])
+def test_the_command_line_refuses_a_bad_budget_before_any_work(verb, tmp_path):
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in verb]
+    done = subprocess.run([sys.executable, "-P", "-m", "i2x", *args, "--memory-budget", "nan"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "--memory-budget" in done.stderr
+    assert not (tmp_path / "run").exists()
