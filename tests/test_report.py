@@ -283,8 +283,13 @@ def test_self_contained_small_and_every_image_a_png(report):
 def test_pictures_of_the_data_are_shown(run_dir, report):
     _, _, page = report
     k = load_file(str(run_dir / "prototypes.safetensors"))["centroids"].shape[0]
-    strips = [img for img in page.images if img["class"] == "strip"]
+    strips = [img for img in page.images if img["class"] == "strip" and img["section"] == "prototypes"]
     assert len(strips) == k  # one strip of exemplar patches per prototype
+    reading = json.loads((run_dir / "analysis.json").read_text())["shortcuts"]
+    shortcut_ids = {p["prototype"] for e in reading["per_class"] for p in e["flagged"]}
+    # ... and one more for each prototype the model-wide reading flagged, beside its evidence
+    assert len([img for img in page.images if img["class"] == "strip" and img["section"] == "uncertain"]) == len(
+        shortcut_ids)
     assert any(img["class"] == "tile" for img in page.images if img["section"] == "uncertain")
     if (run_dir / "targets.safetensors").exists():
         assert any(img["class"] == "tile" for img in page.images if img["section"] == "curation")
@@ -493,3 +498,17 @@ def test_the_page_is_navigable_and_the_cards_are_tables(run_dir, report):
     if k > 4:  # past the first four, the cards sit inside one collapsed block
         details = text.index("<details><summary>prototypes 4-")
         assert all(pos > details for pos in cards[4:]) and all(pos < details for pos in cards[:4])
+
+
+def test_the_model_wide_shortcut_reading_is_shown_as_the_analysis_holds_it(run_dir, report):
+    _, text, page = report
+    reading = json.loads((run_dir / "analysis.json").read_text())["shortcuts"]
+    flagged = [(e["name"], p) for e in reading["per_class"] for p in e["flagged"]]
+    assert "Shortcut candidates over the whole model" in text
+    tables = [t for t in page.tables["uncertain"] if t[0][:2] == ["class", "prototype"]]
+    if not flagged:
+        assert not tables and "No prototype clears the cut" in text
+        return
+    rows = tables[0][1:]
+    assert [(row[0], int(row[1])) for row in rows] == [(name, p["prototype"]) for name, p in flagged]
+    assert [row[2] for row in rows] == [f"{p['score']:.3g}" for _, p in flagged]

@@ -365,16 +365,44 @@ def _missing_for_cams(r: LoadedRun) -> RunStoreError:
                          "a finished checkpoint (re-run `i2x analyze` after the tracker made them)")
 
 
+def _shortcuts(r: LoadedRun) -> list[str]:
+    """The model-wide reading: every class's flagged one-sided prototypes, their evidence and exemplars."""
+    a = r.analysis
+    assert a is not None  # uncertain() shows it only with an analysis
+    reading = a.shortcuts
+    parts = ["<h3>Shortcut candidates over the whole model</h3>"]
+    if reading is None:
+        return parts + [r.note("the analysis predates the model-wide reading: re-run `i2x analyze RUN`")]
+    flagged = [(entry["name"], p) for entry in reading["per_class"] for p in entry["flagged"]]
+    parts.append("<p>Without being told a pair or a class: prototypes present in one class far more than in the "
+                 "others, that raised that class's confidence and little else's, and that the model looks at more than "
+                 "their area warrants (score = skew x effect x one-sidedness x concentration; "
+                 "<code>docs/analysis.md</code>). A shortcut lowers the training errors it causes, so it need not be "
+                 "among the confused pairs below.</p>")
+    if not flagged:
+        return parts + ["<p>No prototype clears the cut: no shortcut-like prototype was found.</p>"]
+    rows = [[_e(name), _link(p["prototype"]), f"{p['score']:.3g}", f"{p['skew']:+.2f}", f"{p['effect']:+.3g}",
+             f"{p['one_sided']:.2f}", f"{p['concentration']:.2f}", _e(p["reason"])] for name, p in flagged]
+    parts.append(_table(["class", "prototype", "score", "skew", "effect", "one-sided", "concentration", "why"],
+                        rows, raw_columns=(1,)))
+    if r.data is not None and r.protos is not None:
+        for k in sorted({int(p["prototype"]) for _, p in flagged}):
+            parts.append(f"<p>prototype {_link(k)}: its exemplars</p>" + _exemplar_strip(r, k))
+    return parts
+
+
 def uncertain(r: LoadedRun) -> str:
     if r.analysis is None:
         assert r.analysis_note is not None  # load_run says why there is no analysis
         return r.note(r.analysis_note)
     a = r.analysis
     entries = a.data["uncertainty"]
+    shortcuts = _shortcuts(r)
     if not entries:
-        return "<p>The analysis examined no pair (n_pairs = 0).</p>"
+        return "\n".join(shortcuts + ["<p>The analysis examined no pair (n_pairs = 0).</p>"])
     classes = r.store.classes
-    parts = ["<p>For the most confused pairs (a, b): d<sub>k</sub><sup>t</sup> = beta<sup>t</sup>[k, a] - "
+    parts = [*shortcuts, "<h3>The most confused pairs</h3>",
+             "<p>For the most confused pairs (a, b): d<sub>k</sub><sup>t</sup> = beta<sup>t</sup>[k, a] - "
              "beta<sup>t</sup>[k, b], how a rise of prototype k moved the decision between the two at each transition. "
              "Ambivalent prototypes push both ways over training; decisive ones push one way all along (shortcut "
              "candidates). The overlays show the final CAM of probe images of the pair (curation targets first, then "
