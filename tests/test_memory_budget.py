@@ -135,7 +135,8 @@ def test_the_tracker_records_its_chosen_batch_and_takes_a_given_one(tmp_path):
     given = i2x.Tracker(model, layer, (images, labels), tmp_path / "given", schedule=[1], batch_size=7)
     assert given.batch_size == 7
     assert 1 <= auto.batch_size < MAX_AUTO_BATCH
-    assert auto.store.manifest["options"]["batch_size"] == auto.batch_size
+    assert auto.store.manifest["options"]["batch_size"] is None
+    assert auto.store.manifest["options"]["memory_budget"] == 32
     with pytest.raises(ValueError, match="memory_budget"):
         i2x.Tracker(model, layer, (images, labels), tmp_path / "bad", schedule=[1], memory_budget=0)
 

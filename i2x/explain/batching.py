@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from i2x._internal.memory import auto_batch_size
-from i2x._internal.modules import eval_mode, run_device
+from i2x._internal.modules import checked_forward, eval_mode, run_device
 from i2x.explain.explainer import Explainer
 
 __all__ = ["explain_batch_size", "forward_batch_size", "weight_bytes"]
@@ -26,10 +26,22 @@ def _image(sample, device: torch.device) -> torch.Tensor:
     return image.to(device)
 
 
+def _sized(model: nn.Module, step, image: torch.Tensor, budget_mib, in_flight: int, name: str,
+           target: torch.device) -> int:
+    """Check that ``model`` takes ``image`` (an error names ``name``), then size the batch; the
+    random number generators are left as they were (a model may draw in eval mode too, and the
+    sizing must not change what the user's training draws next)."""
+    with torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
+        with eval_mode(model), torch.no_grad():
+            checked_forward(model, image.unsqueeze(0), name)
+        return auto_batch_size(step, image, budget_mib, in_flight=in_flight, reserve_bytes=weight_bytes(model))
+
+
 def explain_batch_size(explainer: Explainer, sample, budget_mib: float | None = None, *, in_flight: int = 1,
-                       device=None) -> int:
+                       device=None, name: str = "images") -> int:
     """Images per :meth:`Explainer.explain` call (raw grids, logits kept) that fit ``budget_mib``
-    (None: the default budget) on the device it runs on; ``sample``: the images or one of them."""
+    (None: the default budget) on the device it runs on; ``sample``: the images or one of them
+    (``name``: what an error calls them)."""
     target = run_device(explainer.model, device)
     image = _image(sample, target)
 
@@ -37,11 +49,11 @@ def explain_batch_size(explainer: Explainer, sample, budget_mib: float | None = 
         with eval_mode(explainer.model):
             explainer.explain(x, targets=0, size=None, normalize=False, return_logits=True)
 
-    return auto_batch_size(step, image, budget_mib, in_flight=in_flight, reserve_bytes=weight_bytes(explainer.model))
+    return _sized(explainer.model, step, image, budget_mib, in_flight, name, target)
 
 
 def forward_batch_size(model: nn.Module, sample, budget_mib: float | None = None, *, in_flight: int = 1,
-                       device=None) -> int:
+                       device=None, name: str = "images") -> int:
     """Images per eval-mode forward under ``no_grad`` (evaluation, layer features) that fit
     ``budget_mib`` (None: the default budget)."""
     target = run_device(model, device)
@@ -51,4 +63,4 @@ def forward_batch_size(model: nn.Module, sample, budget_mib: float | None = None
         with eval_mode(model), torch.no_grad():
             model(x)
 
-    return auto_batch_size(step, image, budget_mib, in_flight=in_flight, reserve_bytes=weight_bytes(model))
+    return _sized(model, step, image, budget_mib, in_flight, name, target)

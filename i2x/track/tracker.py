@@ -253,8 +253,8 @@ def record_checkpoint(
     """
     model = explainer.model
     device = run_device(model, device)
-    batch_size = probe_batch_size(explainer, images, batch_size, memory_budget, device)
-    with recalibrated_batchnorm(model, calibration, device):
+    with recalibrated_batchnorm(model, calibration, device):  # sized after it: its errors name the probe
+        batch_size = probe_batch_size(explainer, images, batch_size, memory_budget, device)
         return _explain_eval(explainer, images, labels, batch_size, device)
 
 
@@ -282,7 +282,8 @@ def probe_batch_size(explainer: Explainer, images, batch_size: int | None, memor
     if not len(images):
         return 1
     in_flight = 2 * images.num_workers if isinstance(images, StreamedImages) else 0
-    return explain_batch_size(explainer, images, memory_budget, in_flight=in_flight, device=device)
+    return explain_batch_size(explainer, images, memory_budget, in_flight=in_flight, device=device,
+                              name="probe images")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +417,9 @@ class Tracker:
         if layer_name is None:
             raise ValueError("layer: the tracker needs the target layer named (a name or a module), not None")
         self.layer = layer_name
-        self.batch_size = probe_batch_size(self.explainer, self.probe.images, batch_size, memory_budget, device)
+        # Sized at the first record, not here: a model that cannot take the probe fails there, naming it,
+        # after the run folder exists (and with the BatchNorm statistics the records use).
+        self._batch_size = batch_size
         self.memory_budget = memory_budget
         self.device = device
         self.progress = progress
@@ -430,12 +433,23 @@ class Tracker:
         if recalibrate_bn is not None:
             check_int(recalibrate_bn, "recalibrate_bn", 0)
         self.calibration = self._calibration_images(recalibrate_bn or 0)
-        options = {"batch_size": self.batch_size, "method": method, "world_size": self.world,
+        options = {"batch_size": batch_size, "memory_budget": memory_budget, "method": method, "world_size": self.world,
                    "recalibrate_bn": int(self.calibration.shape[0]) if self.calibration is not None else 0}
         self.store = self._open_store(model_info, schedule_info, options)
         self.finished = set(self.store.finished_steps()) if self.store is not None else set()
         self.finished = self._agree_on_finished(self.finished)
         self.last_step: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """Probe images per explain batch: the one given, or (sized once, on first use) as many as
+        the memory budget holds."""
+        if self._batch_size is None:
+            device = run_device(self.module, self.device)
+            with recalibrated_batchnorm(self.module, self.calibration, device):
+                self._batch_size = probe_batch_size(self.explainer, self.probe.images, None, self.memory_budget,
+                                                    device)
+        return self._batch_size
 
     def _calibration_images(self, n: int) -> torch.Tensor | None:
         rows = calibration_rows(self.probe.labels, n)
@@ -526,8 +540,9 @@ class Tracker:
         # The same BatchNorm statistics as the records, so the assignment and the final saliency
         # describe one model.
         with recalibrated_batchnorm(self.module, self.calibration, device):
-            protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self.batch_size,
-                                         device=self.device, reshape=self.explainer.reshape, **options)
+            protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self._batch_size,
+                                         device=self.device, reshape=self.explainer.reshape,
+                                         memory_budget=self.memory_budget, **options)
         write_prototypes(self.store, protos)
         return protos
 
@@ -539,7 +554,8 @@ class Tracker:
         with same_buffers:
             saliency, probs = record_checkpoint(
                 self.explainer, self.probe.images[start:stop], self.probe.labels[start:stop],
-                batch_size=self.batch_size, device=self.device, calibration=self.calibration,
+                batch_size=self._batch_size, device=self.device, calibration=self.calibration,
+                memory_budget=self.memory_budget,
             )
         if self.world > 1:
             sizes = [stop - start for start, stop in (self.probe.shard(r, self.world) for r in range(self.world))]
