@@ -7,6 +7,7 @@ from torch import nn
 
 from i2x import ops
 from i2x._internal.checks import check_number, describe
+from i2x._internal.positions import row_table, rows_at
 from i2x._internal.profiling import profiled
 from i2x._internal.tensors import as_grid, at_least_float32
 from i2x.explain.explainer import Explainer
@@ -39,17 +40,12 @@ class ExplanationPenalty(nn.Module):
         self.weight = check_number(weight, "weight", 0)
         rows = targets.selected.nonzero().flatten()
         n = int(targets.indices.max()) + 1 if targets.indices.numel() else 0
-        self.row_of = torch.full((n,), -1, dtype=torch.int64)
-        self.row_of[targets.indices[rows]] = torch.arange(rows.numel())
+        self.row_of = row_table(targets.indices[rows], n)
         self.masks = targets.cell_masks[rows]
 
     @profiled("i2x::penalty")
     def forward(self, captured, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-        known = indices < self.row_of.numel()
-        rows = torch.full_like(indices, -1)
-        rows[known] = self.row_of[indices[known]]
-        hit = (rows >= 0).nonzero().flatten()
+        rows, hit = rows_at(self.row_of, indices)
         if hit.numel() == 0 or self.weight == 0:
             return logits.new_zeros(())
         acts = captured.activations if hasattr(captured, "activations") else captured

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from i2x._internal.checks import check_number, describe
+from i2x._internal.positions import row_table, rows_at
 from i2x.data import batch_of
 from i2x.loop.targets import Targets
 
@@ -93,8 +94,7 @@ class RRRPenalty(nn.Module):
         # double backward (as ExplanationPenalty skips batches without targets).
         keep = masks.flatten(1).any(1)
         self.aligned = indices is None  # a position past the masks is then a misaligned dataset
-        self.row_of = torch.full((n,), -1, dtype=torch.int64)
-        self.row_of[positions[keep]] = torch.arange(int(keep.sum()))
+        self.row_of = row_table(positions[keep], n)
         self.masks = masks[keep]
 
     @staticmethod
@@ -131,10 +131,7 @@ class RRRPenalty(nn.Module):
         if self.aligned and indices.numel() and int(indices.max()) >= self.row_of.numel():
             raise ValueError(f"indices: dataset position {int(indices.max())} has no mask: the masks cover "
                              f"{self.row_of.numel()} positions; build the penalty on the training dataset")
-        known = indices < self.row_of.numel()
-        rows = torch.full_like(indices, -1)
-        rows[known] = self.row_of[indices[known]]
-        hit = (rows >= 0).nonzero().flatten()
+        rows, hit = rows_at(self.row_of, indices)
         if hit.numel() == 0 or self.weight == 0:
             return logits.new_zeros(())
         if not inputs.requires_grad:

@@ -183,16 +183,10 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
 
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("share", "margin", "pred", "assignment")}
     bar = _progress(rows.numel(), progress, f"targets for {_pair_label(store, a, b)}")
-    if o["batch_size"] is None:  # sized on the scoring step itself: it keeps the whole graph for two classes
-        def step(x: torch.Tensor) -> None:
-            _score_batch(explainer, protos, x, torch.full((x.shape[0],), a, device=device), a, b, ids.to(device), o,
-                         None)
-
-        with eval_mode(module):
-            batch_size = auto_batch_size(step, images_at(train_dataset, rows[:1])[0].to(device), memory_budget,
-                                         in_flight=0 if holds_tensors(train_dataset) else 2 * workers)
-    else:
-        batch_size = o["batch_size"]
+    batch_size = _scoring_batch_size(
+        lambda x: _score_batch(explainer, protos, x, torch.full((x.shape[0],), a, device=device), a, b,
+                               ids.to(device), o, None),
+        module, train_dataset, rows, o, memory_budget, device, workers)
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module):
         for start, x in batches_at(train_dataset, rows, batch_size, **reading):
             y = labels[rows[start:start + x.shape[0]]]
@@ -231,6 +225,18 @@ def find_targets(run, model: nn.Module, train_dataset, pairs=None, prototypes: S
     if save:
         save_targets(store, targets)
     return targets
+
+
+def _scoring_batch_size(step, module: nn.Module, train_dataset, rows: torch.Tensor, o: dict, memory_budget,
+                        device, workers: int) -> int:
+    """The ``batch_size`` option, or (None) the batch that fits ``memory_budget``, measured on the
+    scoring ``step`` itself: it keeps the whole graph (two classes' CAMs need it), far more than an
+    explain call."""
+    if o["batch_size"] is not None:
+        return o["batch_size"]
+    with eval_mode(module):
+        return auto_batch_size(step, images_at(train_dataset, rows[:1])[0].to(device), memory_budget,
+                               in_flight=0 if holds_tensors(train_dataset) else 2 * workers)
 
 
 def _pair_label(store: RunStore, a: int, b: int) -> str:
@@ -449,16 +455,10 @@ def _find_model_targets(store, analysis, protos, model, train_dataset, prototype
     grid = tuple(store.grid) if store.grid else None
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("share", "margin", "pred", "rival", "assignment")}
     progress_bar = _progress(rows.numel(), progress, "targets over the model")
-    if o["batch_size"] is None:
-        def step(x: torch.Tensor) -> None:
-            _score_model_batch(explainer, protos, x, torch.zeros(x.shape[0], dtype=torch.int64, device=device),
-                               ids.to(device), o, None)
-
-        with eval_mode(module):
-            batch_size = auto_batch_size(step, images_at(train_dataset, rows[:1])[0].to(device), memory_budget,
-                                         in_flight=0 if holds_tensors(train_dataset) else 2 * workers)
-    else:
-        batch_size = o["batch_size"]
+    batch_size = _scoring_batch_size(
+        lambda x: _score_model_batch(explainer, protos, x, torch.zeros(x.shape[0], dtype=torch.int64, device=device),
+                                     ids.to(device), o, None),
+        module, train_dataset, rows, o, memory_budget, device, workers)
     with recalibrated_batchnorm(module, calibration, device), eval_mode(module):
         for start, x in batches_at(train_dataset, rows, batch_size, **reading):
             y = labels[rows[start:start + x.shape[0]]]
