@@ -417,8 +417,8 @@ class Tracker:
         if layer_name is None:
             raise ValueError("layer: the tracker needs the target layer named (a name or a module), not None")
         self.layer = layer_name
-        # Sized at the first record, not here: a model that cannot take the probe fails there, naming it,
-        # after the run folder exists (and with the BatchNorm statistics the records use).
+        # Sized once, at the first record, not here: a model that cannot take the probe fails there,
+        # naming it, after the run folder exists.
         self._batch_size = batch_size
         self.memory_budget = memory_budget
         self.device = device
@@ -444,11 +444,9 @@ class Tracker:
     def batch_size(self) -> int:
         """Probe images per explain batch: the one given, or (sized once, on first use) as many as
         the memory budget holds."""
-        if self._batch_size is None:
+        if self._batch_size is None:  # memory does not depend on the BatchNorm statistics: no recalibration
             device = run_device(self.module, self.device)
-            with recalibrated_batchnorm(self.module, self.calibration, device):
-                self._batch_size = probe_batch_size(self.explainer, self.probe.images, None, self.memory_budget,
-                                                    device)
+            self._batch_size = probe_batch_size(self.explainer, self.probe.images, None, self.memory_budget, device)
         return self._batch_size
 
     def _calibration_images(self, n: int) -> torch.Tensor | None:
@@ -540,9 +538,8 @@ class Tracker:
         # The same BatchNorm statistics as the records, so the assignment and the final saliency
         # describe one model.
         with recalibrated_batchnorm(self.module, self.calibration, device):
-            protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self._batch_size,
-                                         device=self.device, reshape=self.explainer.reshape,
-                                         memory_budget=self.memory_budget, **options)
+            protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self.batch_size,
+                                         device=self.device, reshape=self.explainer.reshape, **options)
         write_prototypes(self.store, protos)
         return protos
 
@@ -554,8 +551,7 @@ class Tracker:
         with same_buffers:
             saliency, probs = record_checkpoint(
                 self.explainer, self.probe.images[start:stop], self.probe.labels[start:stop],
-                batch_size=self._batch_size, device=self.device, calibration=self.calibration,
-                memory_budget=self.memory_budget,
+                batch_size=self.batch_size, device=self.device, calibration=self.calibration,
             )
         if self.world > 1:
             sizes = [stop - start for start, stop in (self.probe.shard(r, self.world) for r in range(self.world))]
