@@ -124,17 +124,28 @@ def train_and_track(run_dir, seed: int = 0, n_per_class: int = 500, probe_per_cl
     The probe set is a stratified subset of the training images, as in the method. Returns
     ``(store, probe_placements)``.
     """
-    import torch.nn.functional as F
-
     from i2x.data import stratified_subset
     from i2x.models import SmallResNet
-    from i2x.track import Probe, Tracker
+    from i2x.track import Probe
 
     torch.manual_seed(seed)
     x, y, placements = make_planted(n_per_class, seed=seed)
     probe_idx = stratified_subset(y, probe_per_class * len(CLASSES), seed=seed)
     probe = Probe(x[probe_idx], y[probe_idx], CLASSES, indices=probe_idx, dataset={"name": "planted", "seed": seed})
     model = SmallResNet(num_classes=len(CLASSES), in_channels=1, widths=widths)
+    store = adam_train_tracked(model, x, y, probe, run_dir, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                               n_checkpoints=n_checkpoints, n_prototypes=n_prototypes)
+    return store, [placements[int(i)] for i in probe_idx]
+
+
+def adam_train_tracked(model, x, y, probe, run_dir, *, seed: int, epochs: int, batch_size: int, lr: float,
+                       n_checkpoints: int, n_prototypes: int):
+    """Adam on ``(x, y)`` in seeded shuffles, ``model.layer3`` tracked online on ``probe``; the
+    prototypes found at the end. Returns the run's store."""
+    import torch.nn.functional as F
+
+    from i2x.track import Tracker
+
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = len(y) // batch_size
     tracker = Tracker(model, "layer3", probe, run_dir, planned_steps=epochs * steps_per_epoch,
@@ -151,5 +162,4 @@ def train_and_track(run_dir, seed: int = 0, n_per_class: int = 500, probe_per_cl
             opt.step()
             step += 1
             tracker.step(step)
-    store = tracker.finish(step, prototypes={"n_prototypes": n_prototypes, "seed": seed})
-    return store, [placements[int(i)] for i in probe_idx]
+    return tracker.finish(step, prototypes={"n_prototypes": n_prototypes, "seed": seed})

@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 from i2x._internal.memory import (
     DEFAULT_MEMORY_BUDGET_MIB,
@@ -117,10 +116,25 @@ def test_the_batch_grows_with_the_budget_and_shrinks_with_the_image():
 
     model, layer = i2x.build_model("small-resnet", 10, in_channels=3)
     explainer = i2x.Explainer(model, layer)
-    small = explain_batch_size(explainer, torch.randn(3, 96, 96), 64)
-    large = explain_batch_size(explainer, torch.randn(3, 96, 96), 256)
+    image = torch.randn(3, 96, 96)
+    small = explain_batch_size(explainer, image, 64)
+    large = explain_batch_size(explainer, image, 256)
     bigger_images = explain_batch_size(explainer, torch.randn(3, 192, 192), 256)
-    assert 1 <= small < large < MAX_AUTO_BATCH
+
+    # The fit by hand from the bytes of one and two images' explain calls and the weights' size.
+    def step(x):
+        explainer.explain(x, targets=0, size=None, normalize=False, return_logits=True)
+
+    model.eval()
+    one, two = image[None], torch.stack([image, image])  # made outside the count: the inputs are the loader's
+    step(one)  # warm-up, as the sizing does: first-call allocations are not per image
+    single, double = peak_tensor_bytes(lambda: step(one)), peak_tensor_bytes(lambda: step(two))
+    per_image = (double - single) * (1 + SCRATCH_SHARE) + image.numel() * 4 * 2  # the batch and one in flight
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    fixed = max(single - (double - single), 0)
+    for budget, got in ((64, small), (256, large)):
+        assert got == math.floor(((budget - SCRATCH_FLOOR_MIB) * MIB - weights - fixed) / per_image), budget
+    assert 1 < small < large < MAX_AUTO_BATCH
     assert bigger_images < large
     # Four times the pixels: about a quarter of the images (the reserve is the same).
     assert large / bigger_images == pytest.approx(4, rel=0.35)
@@ -128,13 +142,15 @@ def test_the_batch_grows_with_the_budget_and_shrinks_with_the_image():
 
 def test_the_tracker_records_its_chosen_batch_and_takes_a_given_one(tmp_path):
     import i2x
+    from i2x.explain.batching import explain_batch_size
 
     model, layer = i2x.build_model("small-resnet", 3, in_channels=3)
     images, labels = torch.randn(40, 3, 64, 64), torch.arange(40) % 3
     auto = i2x.Tracker(model, layer, (images, labels), tmp_path / "auto", schedule=[1], memory_budget=32)
     given = i2x.Tracker(model, layer, (images, labels), tmp_path / "given", schedule=[1], batch_size=7)
     assert given.batch_size == 7
-    assert 1 <= auto.batch_size < MAX_AUTO_BATCH
+    # A probe held as a tensor has no batch in flight besides the one explained.
+    assert auto.batch_size == explain_batch_size(i2x.Explainer(model, layer), images, 32, in_flight=0) > 1
     assert auto.store.manifest["options"]["batch_size"] is None
     assert auto.store.manifest["options"]["memory_budget"] == 32
     with pytest.raises(ValueError, match="memory_budget"):

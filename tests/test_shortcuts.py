@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _planted import CLASSES, make_planted
+from _planted import CLASSES, adam_train_tracked, make_planted
 
 import i2x
 from i2x.analysis import class_skew, flag_shortcuts, saliency_concentration, shortcut_scores
@@ -48,30 +48,15 @@ def decoy_set(n_per_class: int = 150, seed: int = 0, noise: float = 0.6):
 
 def _train_run(run_dir, data, seed: int = 0, epochs: int = 4, n_prototypes: int = 12):
     from i2x.models import SmallResNet
-    from i2x.track import Probe, Tracker
+    from i2x.track import Probe
 
     torch.manual_seed(seed)
     probe_idx = torch.arange(0, len(data), 2)
     probe = Probe(data.images[probe_idx], data.labels[probe_idx], list(CLASSES), indices=probe_idx,
                   dataset={"name": "decoy-planted", "seed": seed})
     model = SmallResNet(num_classes=len(CLASSES), in_channels=1, widths=(8, 16, 32))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    batch = 32
-    steps_per_epoch = len(data) // batch
-    tracker = Tracker(model, "layer3", probe, run_dir, planned_steps=epochs * steps_per_epoch, n_checkpoints=8)
-    g = torch.Generator().manual_seed(seed)
-    step = 0
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=g)
-        for b in range(steps_per_epoch):
-            idx = perm[b * batch:(b + 1) * batch]
-            model.train()
-            opt.zero_grad()
-            F.cross_entropy(model(data.images[idx]), data.labels[idx]).backward()
-            opt.step()
-            step += 1
-            tracker.step(step)
-    tracker.finish(step, prototypes={"n_prototypes": n_prototypes, "seed": seed})
+    adam_train_tracked(model, data.images, data.labels, probe, run_dir, seed=seed, epochs=epochs, batch_size=32,
+                       lr=3e-3, n_checkpoints=8, n_prototypes=n_prototypes)
     return model, probe_idx
 
 
