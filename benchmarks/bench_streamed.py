@@ -2,6 +2,7 @@
 
     python -P benchmarks/bench_streamed.py [--probe 20000] [--model resnet18 resnet50] [--batch N] [--workers 1]
     python -P benchmarks/bench_streamed.py --fashion [--baseline DIR]
+    python -P benchmarks/bench_streamed.py --isolated [--probe 20000] [--model resnet18 resnet50]
 
 With no ``--batch`` the Tracker runs with its DEFAULT settings: the probe batch follows from the
 memory budget (256 MiB) and the image and model size (docs/memory.md).
@@ -121,6 +122,50 @@ def case(n: int, model_name: str, batch: int | None, workers: int, chunk: int) -
             "growth_mib": record_peak / 2**20, "plain_growth_mib": plain_peak / 2**20}
 
 
+_ISOLATED = """
+import json, sys, tempfile, time, torch, torchvision
+sys.path.insert(0, {bench!r})
+import bench_streamed as bs
+import i2x
+from i2x.apps.bench import cpu_peak_growth
+torch.manual_seed(0)
+model = torchvision.models.get_model({model!r}, weights=None, num_classes=10).eval()
+probe = i2x.Probe.from_dataset(bs._fake({n}), num_workers={workers})
+with tempfile.TemporaryDirectory() as run:
+    tracker = i2x.Tracker(model, "layer4", probe, run, schedule=[1])
+    batch = tracker.batch_size
+    bs.plain_pass(model, probe.images[:batch], batch)  # warm-up: oneDNN's kernels and caches
+    t = time.perf_counter()
+    if {mode!r} == "plain":
+        growth = cpu_peak_growth(lambda: bs.plain_pass(model, probe.images, batch))
+    else:
+        growth = cpu_peak_growth(lambda: tracker.step(1))
+    print(json.dumps({{"batch": batch, "calibration_batch": tracker.calibration_batch,
+                      "s": time.perf_counter() - t, "growth_mib": growth / 2**20}}))
+"""
+
+
+def isolated(n: int, model_name: str, workers: int) -> dict:
+    """The record alone and the plain pass alone, each in a fresh process of its own (the record
+    first), so neither one's heap counts against the other: ``Tracker.step`` with default settings
+    (batch sizing, BatchNorm recalibration on 512 probe images, the record, the checkpoint's write)
+    against ``model(x)`` + softmax under ``no_grad`` at the batch the Tracker chose."""
+    import json
+    import subprocess
+
+    out = {}
+    for mode in ("record", "plain"):
+        code = _ISOLATED.format(bench=str(Path(__file__).resolve().parent), model=model_name, n=n,
+                                workers=workers, mode=mode)
+        text = subprocess.run([sys.executable, "-P", "-c", code], check=True, capture_output=True, text=True).stdout
+        out[mode] = json.loads(text.strip().splitlines()[-1])
+    return {"probe": n, "model": model_name, "batch": out["record"]["batch"],
+            "calibration_batch": out["record"]["calibration_batch"], "workers": workers,
+            "plain_s": out["plain"]["s"], "record_s": out["record"]["s"],
+            "ratio": out["record"]["s"] / out["plain"]["s"], "growth_mib": out["record"]["growth_mib"],
+            "plain_growth_mib": out["plain"]["growth_mib"]}
+
+
 _FASHION_RECORD = """
 import json, tempfile, time, torch, i2x
 torch.manual_seed(0)
@@ -175,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=None, help="with --fashion: an older i2x installed into this folder")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=2000, help="images per turn of the plain pass and the record")
+    parser.add_argument("--isolated", action="store_true",
+                        help="the record alone and the plain pass alone, each in a process of its own")
     args = parser.parse_args(argv)
     print(f"Machine: {machine_line('cpu')}.\n")
     print(f"Command: `python -P benchmarks/bench_streamed.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
@@ -187,6 +234,18 @@ def main(argv=None) -> int:
           f"(goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) | plain pass's peak RSS "
           "growth MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.isolated:
+        print("| probe images | model | batch | BatchNorm recalibration batch | workers | plain inference s | "
+              f"i2x record s | ratio (goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) "
+              "| plain pass's peak RSS growth MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for model in args.model:
+            for n in args.probe:
+                r = isolated(n, model, args.workers)
+                print(f"| {r['probe']} | {r['model']} | {r['batch']} | {r['calibration_batch']} | {r['workers']} | "
+                      f"{r['plain_s']:.1f} | {r['record_s']:.1f} | {r['ratio']:.3f} | {r['growth_mib']:.0f} | "
+                      f"{r['plain_growth_mib']:.0f} |", flush=True)
+        return 0
     for model in args.model:
         for n in args.probe:
             r = case(n, model, args.batch, args.workers, args.chunk)

@@ -157,6 +157,39 @@ def test_the_tracker_records_its_chosen_batch_and_takes_a_given_one(tmp_path):
         i2x.Tracker(model, layer, (images, labels), tmp_path / "bad", schedule=[1], memory_budget=0)
 
 
+def test_the_recalibration_batch_follows_the_budget_and_its_statistics_match_a_reference(tmp_path):
+    """224 px-like images do not fit 256 to a train-mode forward in a small budget: the recalibration
+    runs as many as an eval forward fits, and its statistics are the sample-weighted means of the
+    per-batch statistics at that batch (computed here by hand, batch by batch)."""
+    import i2x
+    from i2x.explain.batching import forward_batch_size
+    from i2x.track.batchnorm import CALIBRATION_BATCH, recalibrated_batchnorm
+
+    torch.manual_seed(0)
+    model, layer = i2x.build_model("small-resnet", 3, in_channels=3)
+    images, labels = torch.randn(60, 3, 64, 64), torch.arange(60) % 3
+    tracker = i2x.Tracker(model, layer, (images, labels), tmp_path / "run", schedule=[1], memory_budget=24,
+                          recalibrate_bn=60)
+    expected = min(CALIBRATION_BATCH, forward_batch_size(model, images, 24))
+    assert 1 < tracker.calibration_batch == expected < 60  # several batches: the weighting matters
+    assert i2x.Tracker(model, layer, (images, labels), tmp_path / "none", schedule=[1],
+                       recalibrate_bn=0).calibration_batch is None
+
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = bn.register_forward_hook(lambda mod, i, o: seen.append(i[0].detach().clone()))
+    with recalibrated_batchnorm(model, tracker.calibration, "cpu", tracker.calibration_batch):
+        got_mean, got_var = bn.running_mean.clone(), bn.running_var.clone()
+    handle.remove()
+    calibration_seen = seen[-len(range(0, 60, expected)):]  # the sizing's own forwards came first
+    assert [x.shape[0] for x in calibration_seen] == [len(r) for r in torch.arange(60).split(expected)]
+    weights = torch.tensor([x.shape[0] / 60 for x in calibration_seen])
+    mean = sum(w * x.mean((0, 2, 3)) for w, x in zip(weights, calibration_seen))
+    var = sum(w * x.var((0, 2, 3), unbiased=True) for w, x in zip(weights, calibration_seen))
+    torch.testing.assert_close(got_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_var, var, rtol=1e-4, atol=1e-5)
+
+
 def test_evaluate_with_a_default_batch_gives_the_same_numbers(tmp_path):
     import i2x
     from i2x.loop.training import evaluate

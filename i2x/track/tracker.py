@@ -42,7 +42,7 @@ from i2x.data import labels_of, stratified_subset
 from i2x.explain.batching import explain_batch_size
 from i2x.explain.explainer import Explainer
 from i2x.store.runstore import RunStore, RunStoreError
-from i2x.track.batchnorm import calibration_rows, recalibrated_batchnorm
+from i2x.track.batchnorm import calibration_batch_size, calibration_rows, recalibrated_batchnorm
 from i2x.track.prototypes import discover_prototypes, write_prototypes
 from i2x.track.streamed import StreamedImages, iter_batches
 
@@ -241,19 +241,21 @@ def record_checkpoint(
     device: torch.device | str | None = None,
     calibration: torch.Tensor | None = None,
     memory_budget: float | None = None,
+    calibration_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw GradCAM grids of the true class and softmax for ``images`` in eval mode.
 
     ``calibration``: images on which BatchNorm running statistics are recomputed first (see
-    :func:`recalibrated_batchnorm`); None keeps the model's own. ``batch_size``: images per
-    explain call; None: as many as ``memory_budget`` MiB hold (default 256 MiB, docs/memory.md).
+    :func:`recalibrated_batchnorm`, ``calibration_batch`` images at a time, None: sized from the
+    budget); None keeps the model's own. ``batch_size``: images per explain call; None: as many as
+    ``memory_budget`` MiB hold (default 256 MiB, docs/memory.md).
 
     Returns ``(saliency [N, h, w] float32, probs [N, M] float32)`` on the CPU. The model's modes
     (and BatchNorm statistics) are restored afterwards; no parameter's ``.grad`` is touched.
     """
     model = explainer.model
     device = run_device(model, device)
-    with recalibrated_batchnorm(model, calibration, device):  # sized after it: its errors name the probe
+    with recalibrated_batchnorm(model, calibration, device, calibration_batch, memory_budget):
         batch_size = probe_batch_size(explainer, images, batch_size, memory_budget, device)
         return _explain_eval(explainer, images, labels, batch_size, device)
 
@@ -420,6 +422,7 @@ class Tracker:
         # Sized once, at the first record, not here: a model that cannot take the probe fails there,
         # naming it, after the run folder exists.
         self._batch_size = batch_size
+        self._calibration_batch: int | None = None
         self.memory_budget = memory_budget
         self.device = device
         self.progress = progress
@@ -448,6 +451,16 @@ class Tracker:
             device = run_device(self.module, self.device)
             self._batch_size = probe_batch_size(self.explainer, self.probe.images, None, self.memory_budget, device)
         return self._batch_size
+
+    @property
+    def calibration_batch(self) -> int | None:
+        """Images per train-mode forward of the BatchNorm recalibration (sized once, from the
+        budget: every record and the prototypes then see statistics computed the same way); None
+        when the tracker does not recalibrate."""
+        if self._calibration_batch is None and self.calibration is not None:
+            device = run_device(self.module, self.device)
+            self._calibration_batch = calibration_batch_size(self.module, self.calibration, device, self.memory_budget)
+        return self._calibration_batch
 
     def _calibration_images(self, n: int) -> torch.Tensor | None:
         rows = calibration_rows(self.probe.labels, n)
@@ -537,7 +550,7 @@ class Tracker:
         device = run_device(self.module, self.device)
         # The same BatchNorm statistics as the records, so the assignment and the final saliency
         # describe one model.
-        with recalibrated_batchnorm(self.module, self.calibration, device):
+        with recalibrated_batchnorm(self.module, self.calibration, device, self.calibration_batch):
             protos = discover_prototypes(self.module, self.layer, self.probe.images, batch_size=self.batch_size,
                                          device=self.device, reshape=self.explainer.reshape, **options)
         write_prototypes(self.store, protos)
@@ -552,6 +565,7 @@ class Tracker:
             saliency, probs = record_checkpoint(
                 self.explainer, self.probe.images[start:stop], self.probe.labels[start:stop],
                 batch_size=self.batch_size, device=self.device, calibration=self.calibration,
+                calibration_batch=self.calibration_batch,
             )
         if self.world > 1:
             sizes = [stop - start for start, stop in (self.probe.shard(r, self.world) for r in range(self.world))]
