@@ -230,10 +230,6 @@ def main(argv=None) -> int:
         return 0
     works, how = cpu_memory_check()
     print(f"Peak memory: {how}.\n")
-    print("| probe images | model | batch | workers | labels read s | plain inference s | i2x record s | ratio "
-          f"(goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) | plain pass's peak RSS "
-          "growth MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     if args.isolated:
         print("| probe images | model | batch | BatchNorm recalibration batch | workers | plain inference s | "
               f"i2x record s | ratio (goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) "
@@ -246,6 +242,10 @@ def main(argv=None) -> int:
                       f"{r['plain_s']:.1f} | {r['record_s']:.1f} | {r['ratio']:.3f} | {r['growth_mib']:.0f} | "
                       f"{r['plain_growth_mib']:.0f} |", flush=True)
         return 0
+    print("| probe images | model | batch | workers | labels read s | plain inference s | i2x record s | ratio "
+          f"(goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) | plain pass's peak RSS "
+          "growth MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.model:
         for n in args.probe:
             r = case(n, model, args.batch, args.workers, args.chunk)

@@ -4,6 +4,7 @@ flagged prototypes) and ``i2x experiment`` (arms x seeds of fine-tuning, resumab
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from i2x.cli.common import (
@@ -192,8 +193,10 @@ def _experiment(args) -> int:
     train = run_data(store, args, train=True)
     test = run_data(store, args, train=False)
     check_grid(model, store, train, args.device)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: process 0 alone prints the table
     quiet = args.quiet or args.json
-    log = None if quiet else (lambda line: print(f"  {line}", flush=True))
+    where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    log = None if quiet else (lambda line: print(f"  {where}{line}", flush=True))
     try:
         results = experiment(store, model, train, test, arms=arms, seeds=args.seeds,
                              epochs_per_stage=args.epochs_per_stage, lr=args.lr, batch_size=args.batch_size,
@@ -204,6 +207,8 @@ def _experiment(args) -> int:
         print(f"i2x experiment: interrupted; the finished cells are in {store.path / args.name / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(results["summary"], indent=2))
         return 0

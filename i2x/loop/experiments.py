@@ -37,6 +37,7 @@ from i2x._internal.checks import check_plain_name, describe
 from i2x._internal.hashing import state_digest, tensor_digest
 from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import unwrap_model
+from i2x._internal.ranks import agree, process_group, rank_device, share
 from i2x.data import labels_of
 from i2x.explain.explainer import Explainer
 from i2x.loop.penalty import ExplanationPenalty
@@ -393,7 +394,7 @@ def experiment(
     name = check_plain_name(name, "name")  # a folder of the run, never a path outside it
     check_memory_budget(memory_budget)
     store = open_run(run)
-    store.lock_for_writing()  # results.json is written beside the store's own files
+    rank, world = process_group()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -432,7 +433,6 @@ def experiment(
 
     start = _state(model)
     folder = store.path / name
-    folder.mkdir(exist_ok=True)
     config = {
         "pair": pair, "epochs_per_stage": int(epochs_per_stage), "lr": lr, "batch_size": int(batch_size),
         "precision": precision, "perturb_mode": perturb_mode, "penalty_weight": float(penalty_weight),
@@ -442,19 +442,34 @@ def experiment(
         "train_size": len(train_dataset), "test_size": len(test_dataset),
         "clean_weights": None if clean is None else state_digest(clean[0]),
     }
-    results = _open_results(folder, config, store, pair)
-    results["config"]["seeds"] = sorted(set(results["config"].get("seeds", [])) | set(seeds))
-    results["targets"] = targets.summary() if targets is not None else None
-    for arm in arms:
-        results["arms"].setdefault(arm, {"stages": list(arm_stages(arm)), "seeds": {}})
-        needs = set(arm_stages(arm)) & _NEEDS_TARGETS
-        if targets is None and needs:
-            results["arms"][arm]["skipped"] = skip_reason
     calibration = calibration_images(train_dataset)
-    if results.get("start") is None:
-        results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device, num_classes=m,
-                                                              memory_budget=memory_budget), a, b)
-    _write(folder, results)
+    device = rank_device(device, world)
+
+    # Rank 0 opens (or resumes) the results and measures the start; the others wait for it.
+    results: dict = {}
+    error = None
+    if rank == 0:
+        try:
+            store.lock_for_writing()  # results.json is written beside the store's own files
+            folder.mkdir(exist_ok=True)
+            results = _open_results(folder, config, store, pair)
+            results["config"]["seeds"] = sorted(set(results["config"].get("seeds", [])) | set(seeds))
+            results["targets"] = targets.summary() if targets is not None else None
+            for arm in arms:
+                results["arms"].setdefault(arm, {"stages": list(arm_stages(arm)), "seeds": {}})
+                needs = set(arm_stages(arm)) & _NEEDS_TARGETS
+                if targets is None and needs:
+                    results["arms"][arm]["skipped"] = skip_reason
+            _merge_cells(folder, results)
+            if results.get("start") is None:
+                results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device,
+                                                          num_classes=m, memory_budget=memory_budget), a, b)
+            _write(folder, results)
+        except Exception as e:  # re-raised below, on every rank
+            error = e
+    agree(error, world, "experiment")
+    if rank != 0:
+        results = load_results(store, name)
 
     builder = _Arms(train_dataset, targets, oracle, oracle_strategy, perturb_mode)
     clean_builder = _Arms(clean[1], None, None, oracle_strategy, perturb_mode) if clean else None
@@ -463,40 +478,81 @@ def experiment(
     recipe = {"epochs_per_stage": epochs_per_stage, "lr": lr, "batch_size": batch_size, "precision": precision,
               "device": device, "progress": progress, "penalty_weight": penalty_weight,
               "layer": store.manifest["model"]["layer"], "method": store.manifest["model"].get("method", "gradcam")}
-    for seed in seeds:
-        prefixes: dict[tuple, dict] = {}  # stage prefix -> weights after it, this seed only
-        for arm in arms:
-            entry = results["arms"][arm]
-            if entry.get("skipped") or str(seed) in entry["seeds"]:
-                continue
-            began = time.perf_counter()
-            tag: tuple[str, ...]  # the clean arm's prefixes are its own
-            if arm == "clean":
-                assert clean is not None and clean_builder is not None  # checked on entry: the arm needs clean=
-                weights, arms_data, tag = clean[0], clean_builder, ("clean",)
+    error = None
+    try:
+        # A rank takes whole seeds: within a seed, arms share their trained prefixes (full before full->full).
+        for seed in share(seeds, rank, world):
+            prefixes: dict[tuple, dict] = {}  # stage prefix -> weights after it, this seed only
+            for arm in arms:
+                entry = results["arms"][arm]
+                if entry.get("skipped") or str(seed) in entry["seeds"]:
+                    continue
+                began = time.perf_counter()
+                tag: tuple[str, ...]  # the clean arm's prefixes are its own
+                if arm == "clean":
+                    assert clean is not None and clean_builder is not None  # checked on entry: the arm needs clean=
+                    weights, arms_data, tag = clean[0], clean_builder, ("clean",)
+                else:
+                    weights, arms_data, tag = start, builder, ()
+                try:
+                    fit_stats = _train_stages(work, arm_stages(arm), weights, arms_data, seed, prefixes, tag, recipe)
+                except NothingToCurate as e:  # e.g. no sample of the other class left to transplant into
+                    entry["skipped"] = str(e)
+                    _write_cell(folder, arm, seed, {"skipped": str(e)})
+                    if world == 1:
+                        _write(folder, results)
+                    say(f"{arm}: skipped ({e})")
+                    continue
+                cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m,
+                                              memory_budget=memory_budget), a, b)
+                cell["seconds"] = time.perf_counter() - began
+                cell["fit"] = fit_stats
+                entry["seeds"][str(seed)] = cell
+                _write_cell(folder, arm, seed, {"cell": cell})
+                if world == 1:  # several ranks: rank 0 gathers the cells' files at the end
+                    summarize(results)
+                    _write(folder, results)
+                say(f"{arm} seed {seed}: accuracy {100 * cell['accuracy']:.2f}%, pair confusions "
+                    f"{cell['pair_confusions']} ({cell['seconds']:.0f} s)")
+    except Exception as e:
+        error = e
+    agree(error, world, "experiment")
+    if rank == 0:
+        _merge_cells(folder, results)
+        summarize(results)
+        _write(folder, results)
+        store.record_stage(name, {"arms": arms, "seeds": results["config"]["seeds"],
+                                  "files": [f"{name}/results.json", f"{name}/results.md"]})
+    agree(None, world, "experiment")
+    return results if rank == 0 else load_results(store, name)
+
+
+_CELLS = "cells"
+
+
+def _cell_path(folder: Path, arm: str, seed: int) -> Path:
+    # "->" joins an arm's stages; the file name spells it "+"
+    return folder / _CELLS / f"{arm.replace('->', '+')}-{int(seed)}.json"
+
+
+def _write_cell(folder: Path, arm: str, seed: int, outcome: dict) -> None:
+    """One finished (arm, seed): its own file, so ranks never write the same file."""
+    path = _cell_path(folder, arm, seed)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_json(path, {"arm": arm, "seed": int(seed), **outcome})
+
+
+def _merge_cells(folder: Path, results: dict) -> None:
+    """Fold the cells' files (written by any rank, now or in an earlier run) into ``results``."""
+    for arm, entry in results["arms"].items():
+        for path in sorted((folder / _CELLS).glob(f"{arm.replace('->', '+')}-*.json")):
+            record = json.loads(path.read_text())
+            if record.get("arm") != arm:
+                continue  # another arm whose name starts the same way
+            if "skipped" in record:
+                entry["skipped"] = record["skipped"]
             else:
-                weights, arms_data, tag = start, builder, ()
-            try:
-                fit_stats = _train_stages(work, arm_stages(arm), weights, arms_data, seed, prefixes, tag, recipe)
-            except NothingToCurate as e:  # e.g. no sample of the other class left to transplant into
-                entry["skipped"] = str(e)
-                _write(folder, results)
-                say(f"{arm}: skipped ({e})")
-                continue
-            cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m,
-                                             memory_budget=memory_budget), a, b)
-            cell["seconds"] = time.perf_counter() - began
-            cell["fit"] = fit_stats
-            entry["seeds"][str(seed)] = cell
-            summarize(results)
-            _write(folder, results)
-            say(f"{arm} seed {seed}: accuracy {100 * cell['accuracy']:.2f}%, pair confusions {cell['pair_confusions']} "
-                f"({cell['seconds']:.0f} s)")
-    summarize(results)
-    _write(folder, results)
-    store.record_stage(name, {"arms": arms, "seeds": results["config"]["seeds"], "files": [f"{name}/results.json",
-                                                                                            f"{name}/results.md"]})
-    return results
+                entry["seeds"].setdefault(str(record["seed"]), record["cell"])
 
 
 def _train_stages(work: nn.Module, stages, weights, arms_data: _Arms, seed: int, prefixes: dict, tag: tuple,
