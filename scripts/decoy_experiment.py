@@ -32,13 +32,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 import i2x
+from i2x._internal.ranks import agree, process_group, share
 from i2x.apps.demo import train_run
 from i2x.data import load_dataset, training_subset
 from i2x.loop import RRRPenalty, dfr_retrain, find_targets, jtt_error_set, jtt_sampler
@@ -46,6 +49,7 @@ from i2x.loop.experiments import paired_interval
 from i2x.loop.targets import load_targets
 from i2x.loop.training import calibration_images, evaluate, finetune
 from i2x.store import RunStore
+from i2x.track import final_model
 
 ARMS = ("vanilla", "clean", "rrr_masks", "rrr_i2x", "jtt", "dfr_i2x", "random", "hard", "transplanted")
 I2X_ARMS = ("rrr_i2x", "dfr_i2x", "transplanted")
@@ -57,28 +61,43 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def prepare(out: Path, args) -> dict:
-    """The data, the decoyed and the clean model (trained once, reused), the analysis and the targets."""
+def _data(args) -> dict:
     full = load_dataset("decoy-fashion-mnist", train=True)
     train, record = training_subset(full, args.train_size, seed=0)
     record.update(name="decoy-fashion-mnist", decoy_seed=0)
-    clean_full = load_dataset("fashion-mnist", train=True)
-    clean_train, clean_record = training_subset(clean_full, args.train_size, seed=0)
-    test = load_dataset("decoy-fashion-mnist", train=False)
-    clean_test = load_dataset("fashion-mnist", train=False)
-    _, decoyed, _ = train_run(out / "decoyed", train, epochs=args.epochs, probe_size=args.probe_size,
-                              n_prototypes=args.n_prototypes, dataset_record=record)
-    _, clean, _ = train_run(out / "clean", clean_train, epochs=args.epochs, probe_size=args.probe_size,
-                            n_prototypes=args.n_prototypes, dataset_record=clean_record)
+    clean_train, clean_record = training_subset(load_dataset("fashion-mnist", train=True), args.train_size, seed=0)
+    # The arms fine-tune on a stratified part of the training set (the same part for every arm)
+    ft_train, _ = training_subset(train, args.ft_size, seed=1)
+    ft_clean, _ = training_subset(clean_train, args.ft_size, seed=1)
+    return {"train": train, "record": record, "clean_train": clean_train, "clean_record": clean_record,
+            "ft_train": ft_train, "ft_clean": ft_clean, "test": load_dataset("decoy-fashion-mnist", train=False),
+            "clean_test": load_dataset("fashion-mnist", train=False)}
+
+
+def train_models(out: Path, args) -> None:
+    """Rank 0, before the processes meet: the decoyed and the clean model (trained once, resumable),
+    the decoyed run's analysis and its model-scope targets over the fine-tuning set."""
+    d = _data(args)
+    _, decoyed, _ = train_run(out / "decoyed", d["train"], epochs=args.epochs, probe_size=args.probe_size,
+                              n_prototypes=args.n_prototypes, dataset_record=d["record"])
+    train_run(out / "clean", d["clean_train"], epochs=args.epochs, probe_size=args.probe_size,
+              n_prototypes=args.n_prototypes, dataset_record=d["clean_record"])
     store = RunStore.open(out / "decoyed")
     if not store.has("analysis"):
         i2x.analyze(store.path)
     try:
-        targets = load_targets(store.path)
+        load_targets(store.path)
     except FileNotFoundError:
-        targets = find_targets(store.path, decoyed, train, scope="model", progress=True)
-    return {"train": train, "clean_train": clean_train, "test": test, "clean_test": clean_test,
-            "decoyed": decoyed, "clean": clean, "targets": targets}
+        find_targets(store.path, decoyed, d["ft_train"], scope="model", probe_dataset=d["train"], progress=True)
+
+
+def prepare(out: Path, args) -> dict:
+    """Every rank: the data, both trained models and the targets, read from the runs."""
+    ctx = _data(args)
+    ctx["decoyed"] = final_model(RunStore.open(out / "decoyed"))
+    ctx["clean"] = final_model(RunStore.open(out / "clean"))
+    ctx["targets"] = load_targets(out / "decoyed")
+    return ctx
 
 
 def _measure(model, ctx: dict, calibration, n_wrong: int) -> dict:
@@ -93,13 +112,13 @@ def _measure(model, ctx: dict, calibration, n_wrong: int) -> dict:
 
 
 def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
-    train, targets = ctx["train"], ctx["targets"]
-    recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size}
+    train, targets = ctx["ft_train"], ctx["targets"]
+    recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size, "lr": args.lr}
     start = ctx["clean"] if arm == "clean" else ctx["decoyed"]
     model = copy.deepcopy(start)
     began = time.perf_counter()
     if arm == "clean":
-        finetune(model, ctx["clean_train"], **recipe)
+        finetune(model, ctx["ft_clean"], **recipe)
     elif arm in ("vanilla", "dfr_i2x"):
         finetune(model, train, **recipe)
         if arm == "dfr_i2x":
@@ -123,7 +142,7 @@ def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
     else:
         raise ValueError(f"--arms: unknown arm {arm!r}; known: {', '.join(ARMS)}")
     trained_s = time.perf_counter() - began
-    calibration = calibration_images(ctx["clean_train"] if arm == "clean" else train)
+    calibration = calibration_images(ctx["ft_clean"] if arm == "clean" else train)
     return {"arm": arm, "seed": seed, "train_s": round(trained_s, 1), **_measure(model, ctx, calibration,
                                                                                   args.wrong_reason_images)}
 
@@ -179,8 +198,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--train-size", type=int, default=None, help="a stratified subset of the 60,000 images")
+    p.add_argument("--ft-size", type=int, default=None,
+                   help="the arms fine-tune on a stratified subset of this many training images (default all)")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the decoyed and the clean model")
     p.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs of every arm")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default finetune's, 0.005)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--probe-size", type=int, default=2000)
     p.add_argument("--n-prototypes", type=int, default=32)
@@ -192,29 +214,42 @@ def main(argv=None) -> int:
     bad = [a for a in arms if a not in ARMS]
     if bad:
         p.error(f"--arms: unknown {bad}; known: {', '.join(ARMS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cells").mkdir(exist_ok=True)
+    began = time.perf_counter()
+    cells_dir = args.out / "cells"
+    if int(os.environ.get("RANK", "0")) == 0:  # before the processes meet: a Tracker must see no group
+        args.out.mkdir(parents=True, exist_ok=True)
+        cells_dir.mkdir(exist_ok=True)
+        train_models(args.out, args)
+    # The other ranks wait here while rank 0 trains (hours at full size)
+    rank, world = process_group(timeout=timedelta(hours=24))
     ctx = prepare(args.out, args)
     seeds = list(range(args.seeds))
-    cells = []
-    for seed in seeds:
-        for arm in arms:
-            path = args.out / "cells" / f"{arm}-{seed}.json"
+    everything = [(arm, seed) for seed in seeds for arm in arms]
+    error = None
+    try:
+        for arm, seed in share(everything, rank, world):  # cells, not seeds: no arm shares a prefix here
+            path = cells_dir / f"{arm}-{seed}.json"
             if path.exists():
-                cells.append(json.loads(path.read_text()))
                 continue
             cell = run_cell(arm, seed, ctx, args)
             _write_json(path, cell)
-            cells.append(cell)
-            print(f"{arm} seed {seed}: decoyed {100 * cell['decoyed_accuracy']:.1f}%, clean "
+            print(f"[rank {rank}] {arm} seed {seed}: decoyed {100 * cell['decoyed_accuracy']:.1f}%, clean "
                   f"{100 * cell['clean_accuracy']:.1f}%, wrong-reason {cell['wrong_reason']:.3f} "
                   f"({cell['train_s']:.0f} s)", flush=True)
+    except Exception as e:
+        error = e
+    agree(error, world, "decoy_experiment")
+    if rank != 0:
+        return 0
+    cells = [json.loads((cells_dir / f"{arm}-{seed}.json").read_text()) for arm, seed in everything]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["targets"] = ctx["targets"].summary()
+    config["processes"] = world
     table = summarize(cells, arms, seeds)
-    results = {"config": config, "cells": cells, "table": table}
+    results = {"config": config, "cells": cells, "table": table, "wall_s": round(time.perf_counter() - began, 1)}
     _write_json(args.out / "results.json", results)
-    text = markdown(table, {k: config[k] for k in ("seeds", "train_size", "epochs", "ft_epochs", "rrr_weight")})
+    text = markdown(table, {k: config[k] for k in ("seeds", "train_size", "ft_size", "epochs", "ft_epochs", "lr",
+                                                   "rrr_weight")})
     (args.out / "results.md").write_text(text)
     if args.publish:
         _write_json(args.publish.with_suffix(".json"), results)

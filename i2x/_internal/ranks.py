@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -20,18 +21,19 @@ __all__ = ["process_group", "share", "agree", "rank_device"]
 T = TypeVar("T")
 
 
-def process_group() -> tuple[int, int]:
+def process_group(timeout: timedelta | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of this process. Under torchrun (``WORLD_SIZE`` > 1 in the
     environment) it joins the process group torchrun describes, with gloo: only small control
     messages pass between the ranks, so the CPU backend serves CPU and GPU work alike. A group the
-    caller already set up is used as it is; a plain process is ``(0, 1)``."""
+    caller already set up is used as it is; a plain process is ``(0, 1)``. ``timeout``: how long a
+    rank waits for the others to join (torch's default when None)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if not dist.is_available():
             raise RuntimeError(f"WORLD_SIZE={world} asks for {world} processes; this torch has no torch.distributed")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **({} if timeout is None else {"timeout": timeout}))
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
