@@ -64,6 +64,28 @@ def hand_targets(dataset, pair=(0, 1), seed: int = 0, n_targets=(3, 4), grid=GRI
                    tuple(dataset.images.shape[-2:]), list(dataset.classes))
 
 
+def hand_model_targets(dataset, seed: int = 0, per_class: int = 6, grid=GRID) -> Targets:
+    """Model-scope :class:`Targets` by hand: every sample is a row, ``per_class`` of each class are
+    selected, each row's rival is a random other class, masks as in :func:`hand_targets`."""
+    g = torch.Generator().manual_seed(seed)
+    labels = dataset.labels
+    n, m = labels.numel(), len(dataset.classes)
+    rows = torch.arange(n)
+    selected = torch.zeros(n, dtype=torch.bool)
+    for c in range(m):
+        in_c = (labels == c).nonzero().flatten()
+        selected[in_c[torch.randperm(in_c.numel(), generator=g)[:per_class]]] = True
+    cells = torch.rand(n, *grid, generator=g) < 0.25
+    cells[:, 0, 0] |= ~cells.flatten(1).any(1)
+    rivals = (labels + torch.randint(1, m, (n,), generator=g)) % m
+    scores = torch.rand(n, generator=g)
+    margins = torch.randperm(n, generator=g).float() - n / 2
+    preds = torch.where(margins < 0, rivals, labels)
+    return Targets(None, [{"prototype": 0, "kind": "decisive", "score": 1.0, "reason": "by hand"}], rows,
+                   labels.clone(), rivals, scores, scores.clone(), margins, preds, cells, selected,
+                   {"rule": "by hand"}, tuple(dataset.images.shape[-2:]), list(dataset.classes), scope="model")
+
+
 class TinyNet(nn.Module):
     """conv - BN - ReLU - conv (``layer``) - ReLU - global pool - linear; ``bn=False`` drops the BN."""
 

@@ -28,7 +28,7 @@ from i2x.loop.experiments import load_results, paired_interval, results_markdown
 from i2x.loop.training import calibration_images
 from i2x.store import RunStore
 
-from _loop import hand_targets, image_dataset, snapshot, state_equal, tiny_net
+from _loop import hand_model_targets, hand_targets, image_dataset, snapshot, state_equal, tiny_net
 
 ARMS = ["full", "full->full", "curated->full", "random->full", "hard->full"]
 SEEDS = 2
@@ -287,3 +287,62 @@ def test_bad_arms_and_seeds(setup, tmp_path):
         i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["oracle->full"], **common)
     with pytest.raises(ValueError, match="clean"):
         i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], arms=["clean"], **common)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model scope: targets over every class, arms compared on the test errors
+
+
+MODEL_ARMS = ["full", "full->full", "transplanted->full", "random->full"]
+
+
+def test_a_model_scope_experiment_compares_arms_on_all_errors(setup, tmp_path):
+    """Model-scope targets (every sample a row, some of every class selected): each cell's errors
+    are the test images predicted wrongly, the transplanted cell is recomputed with the public
+    pieces, the comparisons are paired intervals of the errors, and the report says so."""
+    train, test = setup["train"], setup["test"]
+    targets = hand_model_targets(train, seed=0, per_class=6)
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, train)
+    results = i2x.experiment(run_dir, setup["model"], train, test, arms=MODEL_ARMS, seeds=SEEDS, targets=targets,
+                             scope="model", **SETTINGS)
+    assert results["pair"] is None and results["config"]["scope"] == "model"
+    for arm in MODEL_ARMS:
+        for seed in ("0", "1"):
+            cell = results["arms"][arm]["seeds"][seed]
+            conf = cell["confusion"]
+            assert cell["errors"] == len(test) - sum(conf[c][c] for c in range(3))
+            assert cell["worst_class_accuracy"] == min(cell["per_class"])
+            assert "pair_confusions" not in cell
+    # transplanted->full, seed 1, rebuilt by hand from the start weights
+    n, seed = len(train), 1
+    model = copy.deepcopy(setup["model"])
+    common = dict(epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], precision="fp32", seed=seed)
+    i2x.finetune(model, targets.transplanted(train, seed=seed), order=lambda e: epoch_permutation(n, seed, e),
+                 **common)
+    i2x.finetune(model, train, order=lambda e: epoch_permutation(n, seed, e + 1), **common)
+    ev = i2x.evaluate(model, test, calibration_images(train), num_classes=3)
+    assert ev["confusion"] == results["arms"]["transplanted->full"]["seeds"]["1"]["confusion"]
+    arms = results["arms"]
+    comp = results["summary"]["transplanted->full"]["comparisons"]["full->full"]
+    d = [arms["transplanted->full"]["seeds"][s]["errors"] - arms["full->full"]["seeds"][s]["errors"] for s in ("0", "1")]
+    assert comp["errors"] == paired_interval(d)
+    text = (run_dir / "experiment" / "results.md").read_text()
+    assert text.startswith("# Experiment: the whole model") and "| arm | reference | errors |" in text
+    assert "worst class accuracy" in text
+
+
+def test_the_scope_must_match_the_targets(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, setup["train"])
+    common = dict(arms=["full"], seeds=1, **SETTINGS)
+    with pytest.raises(ValueError, match=r"scope='pair' \(--scope pair\): the targets are model-wide"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"],
+                       targets=hand_model_targets(setup["train"]), **common)
+    with pytest.raises(ValueError, match=r"scope='model' \(--scope model\): the targets are a pair's \(\(0, 2\)\)"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], targets=setup["targets"],
+                       scope="model", **common)
+    with pytest.raises(ValueError, match="scope: expected 'pair' or 'model'"):
+        i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], targets=setup["targets"],
+                       scope="class", **common)
+    assert not (run_dir / "experiment").exists()

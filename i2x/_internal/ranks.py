@@ -33,7 +33,10 @@ def process_group(timeout: timedelta | None = None) -> tuple[int, int]:
     if world > 1:
         if not dist.is_available():
             raise RuntimeError(f"WORLD_SIZE={world} asks for {world} processes; this torch has no torch.distributed")
-        dist.init_process_group("gloo", **({} if timeout is None else {"timeout": timeout}))
+        if timeout is None:
+            dist.init_process_group("gloo")
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -67,6 +67,9 @@ def register(sub) -> None:
                      help="weight of the explanation penalty in the penalized arm (default 1.0)")
     exp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                      help="the fine-tuning loop's precision (auto: bfloat16 autocast where the CPU has it)")
+    exp.add_argument("--scope", choices=["pair", "model"], default="pair",
+                     help="pair (default): the run's pair targets, arms compared on the pair's test confusions; "
+                          "model: model-wide targets (i2x curate --scope model), arms compared on all test errors")
     exp.add_argument("--name", type=plain_name, default="experiment",
                      help="the experiment's folder in the run: letters, digits, '_', '-' (default experiment)")
     add_memory_budget(exp)
@@ -202,7 +205,7 @@ def _experiment(args) -> int:
                              epochs_per_stage=args.epochs_per_stage, lr=args.lr, batch_size=args.batch_size,
                              perturb_mode=args.perturb_mode, penalty_weight=args.penalty_weight,
                              precision=args.precision, device=args.device, name=args.name, log=log,
-                             memory_budget=args.memory_budget)
+                             memory_budget=args.memory_budget, scope=args.scope)
     except KeyboardInterrupt:
         print(f"i2x experiment: interrupted; the finished cells are in {store.path / args.name / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)

@@ -126,10 +126,23 @@ def paired_interval(values: Sequence[float]) -> dict:
     return {"mean": mean, "std": sd, "lo": lo, "hi": hi, "n": n, "excludes_zero": lo > 0 or hi < 0}
 
 
-def _cell_metrics(ev: dict, a: int, b: int) -> dict:
+def _cell_metrics(ev: dict, pair) -> dict:
+    """One evaluation's numbers: the pair's confusions (pair scope), or the errors over every class
+    and the worst class's accuracy (model scope, ``pair`` None)."""
     conf = ev["confusion"]
+    if pair is None:
+        errors = sum(sum(row) for row in conf) - sum(conf[c][c] for c in range(len(conf)))
+        return {"accuracy": ev["accuracy"], "per_class": ev["per_class"], "errors": int(errors),
+                "worst_class_accuracy": min(ev["per_class"]), "confusion": conf}
+    a, b = pair
     return {"accuracy": ev["accuracy"], "per_class": ev["per_class"], "a_as_b": int(conf[a][b]),
             "b_as_a": int(conf[b][a]), "pair_confusions": int(conf[a][b] + conf[b][a]), "confusion": conf}
+
+
+def measure_of(results: dict) -> str:
+    """The count an experiment's arms are compared on (lower is better): the pair's confusions, or
+    (model scope) the test errors over every class."""
+    return "errors" if results["config"].get("scope", "pair") == "model" else "pair_confusions"
 
 
 def summarize(results: dict) -> dict:
@@ -137,27 +150,32 @@ def summarize(results: dict) -> dict:
     ``full``, ``random->full`` or ``random``, the better of the pairup/hard baselines, and
     ``clean`` with the share of the gap recovered). Fills ``results["summary"]`` and returns it."""
     arms = results["arms"]
+    key = measure_of(results)
     done = {arm: {int(s): c for s, c in entry.get("seeds", {}).items()} for arm, entry in arms.items()}
     summary: dict[str, dict] = {}
     for arm, cells in done.items():
         if not cells:
             continue
         acc = [c["accuracy"] for c in cells.values()]
-        pc = [c["pair_confusions"] for c in cells.values()]
+        pc = [c[key] for c in cells.values()]
         summary[arm] = {
             "seeds": sorted(cells), "accuracy_mean": statistics.fmean(acc),
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else None,
-            "pair_confusions_mean": statistics.fmean(pc),
-            "pair_confusions_std": statistics.stdev(pc) if len(pc) > 1 else None,
-            "a_as_b_mean": statistics.fmean(c["a_as_b"] for c in cells.values()),
-            "b_as_a_mean": statistics.fmean(c["b_as_a"] for c in cells.values()),
+            f"{key}_mean": statistics.fmean(pc),
+            f"{key}_std": statistics.stdev(pc) if len(pc) > 1 else None,
             "comparisons": {},
         }
+        if key == "pair_confusions":
+            summary[arm]["a_as_b_mean"] = statistics.fmean(c["a_as_b"] for c in cells.values())
+            summary[arm]["b_as_a_mean"] = statistics.fmean(c["b_as_a"] for c in cells.values())
+        else:
+            summary[arm]["worst_class_accuracy_mean"] = statistics.fmean(
+                c["worst_class_accuracy"] for c in cells.values())
 
     def best_baseline(two_stage: bool) -> str | None:
         names = ("pairup->full", "hard->full") if two_stage else ("pairup", "hard")
         have = [n for n in names if n in summary]
-        return min(have, key=lambda n: summary[n]["pair_confusions_mean"]) if have else None
+        return min(have, key=lambda n: summary[n][f"{key}_mean"]) if have else None
 
     for arm, entry in summary.items():
         two = len(arm_stages(arm)) >= 2
@@ -170,19 +188,19 @@ def summarize(results: dict) -> dict:
             seeds = sorted(set(done[arm]) & set(done[ref]))
             if not seeds:
                 continue
-            dconf = [done[arm][s]["pair_confusions"] - done[ref][s]["pair_confusions"] for s in seeds]
+            dconf = [done[arm][s][key] - done[ref][s][key] for s in seeds]
             dacc = [100.0 * (done[arm][s]["accuracy"] - done[ref][s]["accuracy"]) for s in seeds]
-            ref_mean = statistics.fmean(done[ref][s]["pair_confusions"] for s in seeds)
-            comp = {"seeds": seeds, "pair_confusions": paired_interval(dconf), "accuracy_points": paired_interval(dacc),
-                    "relative_pair_confusions": (statistics.fmean(dconf) / ref_mean) if ref_mean else None}
+            ref_mean = statistics.fmean(done[ref][s][key] for s in seeds)
+            comp = {"seeds": seeds, key: paired_interval(dconf), "accuracy_points": paired_interval(dacc),
+                    f"relative_{key}": (statistics.fmean(dconf) / ref_mean) if ref_mean else None}
             entry["comparisons"][ref] = comp
         if "clean" in done and "full->full" in done and arm not in ("clean", "full->full") and two:
             seeds = sorted(set(done[arm]) & set(done["clean"]) & set(done["full->full"]))
             gaps = []
             for s in seeds:
-                gap = done["full->full"][s]["pair_confusions"] - done["clean"][s]["pair_confusions"]
+                gap = done["full->full"][s][key] - done["clean"][s][key]
                 if gap != 0:
-                    gaps.append((done["full->full"][s]["pair_confusions"] - done[arm][s]["pair_confusions"]) / gap)
+                    gaps.append((done["full->full"][s][key] - done[arm][s][key]) / gap)
             if gaps:
                 entry["gap_recovered"] = paired_interval(gaps)
     if "full->full" in summary:
@@ -210,35 +228,48 @@ def _interval(c: dict, digits=1) -> str:
 
 def results_markdown(results: dict) -> str:
     """``results.md``: the arms table and the paired comparisons."""
-    a, b = results["pair"]
-    na, nb = results.get("pair_names", [str(a), str(b)])
+    key = measure_of(results)
     s = results.get("summary") or summarize(results)
-    lines = [f"# Experiment: {na} vs {nb}", "",
-             "Every arm starts from the run's final weights; "
-             f"{results['config']['epochs_per_stage']} epoch(s) per stage, lr {results['config']['lr']:g}, "
-             f"batch {results['config']['batch_size']}, precision {results['config']['precision']}; "
-             f"test set of {results['config']['test_size']} images; seeds {results['config']['seeds']}. "
-             f"Pair confusions = {na} predicted as {nb} + {nb} predicted as {na}.", ""]
+    cfg = results["config"]
+    recipe = (f"{cfg['epochs_per_stage']} epoch(s) per stage, lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+              f"precision {cfg['precision']}; test set of {cfg['test_size']} images; seeds {cfg['seeds']}.")
+    if key == "pair_confusions":
+        a, b = results["pair"]
+        na, nb = results.get("pair_names", [str(a), str(b)])
+        lines = [f"# Experiment: {na} vs {nb}", "", f"Every arm starts from the run's final weights; {recipe} "
+                 f"Pair confusions = {na} predicted as {nb} + {nb} predicted as {na}.", ""]
+        measure, columns = "pair confusions", "| a->b | b->a |"
+    else:
+        lines = ["# Experiment: the whole model", "", f"Every arm starts from the run's final weights; {recipe} "
+                 "Errors = test images of any class predicted wrongly (model-scope targets).", ""]
+        measure, columns = "errors", "| worst class accuracy % |"
     if results.get("start"):
         st = results["start"]
-        lines += [f"The final model before fine-tuning: accuracy {100 * st['accuracy']:.2f}%, pair confusions "
-                  f"{st['pair_confusions']} ({st['a_as_b']} + {st['b_as_a']}).", ""]
+        if key == "pair_confusions":
+            detail = f"pair confusions {st['pair_confusions']} ({st['a_as_b']} + {st['b_as_a']})"
+        else:
+            detail = f"errors {st['errors']}, worst class {100 * st['worst_class_accuracy']:.1f}%"
+        lines += [f"The final model before fine-tuning: accuracy {100 * st['accuracy']:.2f}%, {detail}.", ""]
     if results.get("targets"):
         t = results["targets"]
         per = "; ".join(f"{v['name']}: {v['targets']} of {v['samples']} ({100 * v['share']:.1f}%)"
                         for v in t["per_class"].values())
         protos = ", ".join(f"{p['prototype']} ({p['kind']})" for p in t["prototypes"])
         lines += [f"Targets: {t['targets']} samples ({per}); prototypes {protos}.", ""]
-    lines += ["| arm | seeds | accuracy % | pair confusions | a->b | b->a |", "|---|---|---|---|---|---|"]
+    lines += [f"| arm | seeds | accuracy % | {measure} {columns}",
+              "|---|---|---|---|" + ("---|---|" if key == "pair_confusions" else "---|")]
     for arm in results["arms"]:
         if arm in s:
             e = s[arm]
             acc_sd = "" if e["accuracy_std"] is None else f" +- {100 * e['accuracy_std']:.2f}"
-            pc_sd = "" if e["pair_confusions_std"] is None else f" +- {e['pair_confusions_std']:.1f}"
+            pc_sd = "" if e[f"{key}_std"] is None else f" +- {e[f'{key}_std']:.1f}"
+            extra = (f"{e['a_as_b_mean']:.1f} | {e['b_as_a_mean']:.1f} |" if key == "pair_confusions"
+                     else f"{100 * e['worst_class_accuracy_mean']:.1f} |")
             lines.append(f"| {arm} | {len(e['seeds'])} | {100 * e['accuracy_mean']:.2f}{acc_sd} | "
-                         f"{e['pair_confusions_mean']:.1f}{pc_sd} | {e['a_as_b_mean']:.1f} | {e['b_as_a_mean']:.1f} |")
+                         f"{e[f'{key}_mean']:.1f}{pc_sd} | {extra}")
         elif results["arms"][arm].get("skipped"):
-            lines.append(f"| {arm} | skipped: {results['arms'][arm]['skipped']} | | | | |")
+            lines.append(f"| {arm} | skipped: {results['arms'][arm]['skipped']} | | |"
+                         + (" | |" if key == "pair_confusions" else " |"))
     done = [arm for arm in results["arms"] if arm in s]
     one_seed = bool(done) and all(len(s[arm]["seeds"]) == 1 for arm in done)
     # The gap column only where a clean reference gives one; no column left empty.
@@ -248,14 +279,14 @@ def results_markdown(results: dict) -> str:
               + (": one seed, so no interval (run more seeds to compare arms)." if one_seed else
                  " over seeds, mean [95% t-interval]; * = the interval excludes 0."),
               "",
-              "| arm | reference | pair confusions | relative | accuracy (points) |"
+              f"| arm | reference | {measure} | relative | accuracy (points) |"
               + (" gap recovered |" if with_gap else ""),
               "|---|---|---|---|---|" + ("---|" if with_gap else "")]
     for arm in done:
         for ref, c in s[arm]["comparisons"].items():
-            rel = "-" if c["relative_pair_confusions"] is None else f"{100 * c['relative_pair_confusions']:+.1f}%"
+            rel = "-" if c[f"relative_{key}"] is None else f"{100 * c[f'relative_{key}']:+.1f}%"
             gap = _interval(s[arm]["gap_recovered"], 2) if ref == "clean" and "gap_recovered" in s[arm] else "-"
-            lines.append(f"| {arm} | {ref} | {_interval(c['pair_confusions'])} | {rel} | "
+            lines.append(f"| {arm} | {ref} | {_interval(c[key])} | {rel} | "
                          f"{_interval(c['accuracy_points'], 2)} |" + (f" {gap} |" if with_gap else ""))
     return "\n".join(lines) + "\n"
 
@@ -371,6 +402,7 @@ def experiment(
     progress: bool = False,
     log=None,
     memory_budget: float | None = None,
+    scope: str = "pair",
 ) -> dict:
     """Run (or resume) the arms x seeds of fine-tuning and write ``RUN/<name>/results.json`` + ``.md``.
 
@@ -387,6 +419,9 @@ def experiment(
         log: a callable taking a line of progress text (default: silent).
         memory_budget: MiB one evaluation batch may use (default 256; docs/memory.md). The
             training batch is ``batch_size``: part of the recipe, never sized by memory.
+        scope: ``"pair"`` (default): pair-scope targets, arms compared on the pair's test
+            confusions; ``"model"``: model-scope targets (``find_targets(scope="model")``), arms
+            compared on the test errors over every class (and the worst class's accuracy).
 
     Arms that need targets are skipped, with the reason in the results, when the run has none to
     curate (no flagged prototype). Returns the results dict (also on disk).
@@ -414,22 +449,25 @@ def experiment(
             skip_reason = "the run has no targets (run find_targets / i2x curate)"
         except NothingToCurate as e:
             skip_reason = str(e)
-    if targets is not None and targets.pair is None:
-        # The arms and their statistics are about one pair's confusions; model-scope targets have none.
-        raise ValueError("targets: the experiment compares arms on one pair's confusions, but these targets are "
-                         "model-wide (find_targets(scope='model')); use them directly (targets.transplanted(train) "
-                         "with i2x.finetune) or find the pair's targets")
+    if scope not in ("pair", "model"):
+        raise ValueError(f"scope: expected 'pair' or 'model', got {scope!r}")
+    if targets is not None and targets.scope != scope:
+        found = "model-wide (find_targets(scope='model'), i2x curate --scope model)" if targets.pair is None else \
+            f"a pair's ({tuple(targets.pair)})"
+        raise ValueError(f"scope={scope!r} (--scope {scope}): the targets are {found}; run the experiment with "
+                         f"scope={targets.scope!r}, or find {scope}-scope targets first (i2x curate --scope {scope})")
     m = store.num_classes
     _check_pair_dataset(targets, train_dataset, test_dataset, m)
     pair = list(targets.pair) if targets is not None and targets.pair is not None else None
-    if pair is None:
+    if scope == "model":
+        skip_reason = skip_reason or "nothing to curate"
+    elif pair is None:
         entry = store.read_json("analysis")["uncertainty"] if (store.path / "analysis.json").exists() else []
         if not entry:
             raise ValueError(f"run {store.path}: no targets and no analysed pair; run `i2x analyze RUN` and "
                              "`i2x curate RUN --data NAME` (i2x.analyze, i2x.find_targets)")
         pair = list(entry[0]["pair"])
         skip_reason = skip_reason or f"nothing to curate for {tuple(pair)}"
-    a, b = pair
 
     start = _state(model)
     folder = store.path / name
@@ -442,6 +480,8 @@ def experiment(
         "train_size": len(train_dataset), "test_size": len(test_dataset),
         "clean_weights": None if clean is None else state_digest(clean[0]),
     }
+    if scope == "model":  # a pair's results keep the settings they always had (they resume as they are)
+        config["scope"] = "model"
     calibration = calibration_images(train_dataset)
     device = rank_device(device, world)
 
@@ -463,7 +503,7 @@ def experiment(
             _merge_cells(folder, results)
             if results.get("start") is None:
                 results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device,
-                                                          num_classes=m, memory_budget=memory_budget), a, b)
+                                                          num_classes=m, memory_budget=memory_budget), pair)
             _write(folder, results)
         except Exception as e:  # re-raised below, on every rank
             error = e
@@ -504,7 +544,7 @@ def experiment(
                     say(f"{arm}: skipped ({e})")
                     continue
                 cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m,
-                                              memory_budget=memory_budget), a, b)
+                                              memory_budget=memory_budget), pair)
                 cell["seconds"] = time.perf_counter() - began
                 cell["fit"] = fit_stats
                 entry["seeds"][str(seed)] = cell
@@ -512,8 +552,9 @@ def experiment(
                 if world == 1:  # several ranks: rank 0 gathers the cells' files at the end
                     summarize(results)
                     _write(folder, results)
-                say(f"{arm} seed {seed}: accuracy {100 * cell['accuracy']:.2f}%, pair confusions "
-                    f"{cell['pair_confusions']} ({cell['seconds']:.0f} s)")
+                measure = "pair confusions" if pair is not None else "errors"
+                say(f"{arm} seed {seed}: accuracy {100 * cell['accuracy']:.2f}%, {measure} "
+                    f"{cell['pair_confusions' if pair is not None else 'errors']} ({cell['seconds']:.0f} s)")
     except Exception as e:
         error = e
     agree(error, world, "experiment")
@@ -607,7 +648,8 @@ def _open_results(folder: Path, config: dict, store: RunStore, pair) -> dict:
                              f"give the experiment another name (name=, --name) or remove {folder} to start again")
         return results
     names = store.classes
-    return {"schema": RESULTS_SCHEMA, "schema_version": 1, "pair": pair, "pair_names": [names[pair[0]], names[pair[1]]],
+    return {"schema": RESULTS_SCHEMA, "schema_version": 1, "pair": pair,
+            "pair_names": None if pair is None else [names[pair[0]], names[pair[1]]],
             "config": dict(config), "start": None, "arms": {}}
 
 
