@@ -10,6 +10,7 @@ drawn is known (``masks``), so a test can tell which prototype sits on a decoy.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -21,6 +22,7 @@ from _planted import CLASSES, adam_train_tracked, make_planted
 import i2x
 from i2x.analysis import class_skew, flag_shortcuts, saliency_concentration, shortcut_scores
 from i2x.data import ImageDataset
+from i2x.loop import RRRPenalty
 from i2x.loop.strategies import pixel_masks, transplant_rows
 from i2x.track.prototypes import read_assignment
 
@@ -288,3 +290,32 @@ def test_i2x_analyze_prints_the_reading(decoy_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", str(run), "--shortcut-threshold", "2"])
     assert "shortcut-threshold" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) RRR with the true masks takes the explanation off the decoy
+
+
+def test_rrr_with_the_masks_lowers_the_gradcam_wrong_reason_share(decoy_run):
+    """The metric the Decoy-FashionMNIST page reports, on the planted decoys: fine-tuning the decoyed
+    model with RRR on the ground-truth masks (Ross et al.) moves its GradCAM relevance off the decoy
+    squares of held-out decoyed images, where plain fine-tuning with the same budget (epochs, lr,
+    order) leaves it there. The weight is the one that works here: the penalty is a sum of squared
+    input gradients, whose scale depends on the data and the model (measured on this set: weight 10
+    moved the share from 0.158 to 0.140, 100 to 0.050, 1000 to 0.024), so it is tuned per task."""
+    data, masks, model = decoy_run["data"], decoy_run["masks"], decoy_run["model"]
+    held, held_masks = decoy_set(n_per_class=40, seed=7)
+    decoyed = held_masks.flatten(1).any(1)
+    images, where = held.images[decoyed], held_masks[decoyed]
+    area = float(where.float().mean())  # 16 of 784 pixels
+
+    def share(m) -> float:
+        return float(i2x.wrong_reason_share(m.eval(), images, where).value)
+
+    recipe = dict(epochs=2, lr=0.01, batch_size=32, seed=0, precision="fp32")
+    vanilla, rrr = copy.deepcopy(model), copy.deepcopy(model)
+    i2x.finetune(vanilla, data, **recipe)
+    i2x.finetune(rrr, data, penalty=RRRPenalty(masks, weight=1000.0), **recipe)
+    start, plain, repaired = share(copy.deepcopy(model)), share(vanilla), share(rrr)
+    assert start > 5 * area and plain > 5 * area, (area, start, plain)  # the decoyed model looks at the squares
+    assert repaired < 0.25 * plain, (start, plain, repaired)
