@@ -1,12 +1,16 @@
 """Shortcut repair on Decoy-FashionMNIST: i2x's model-wide loop against RRR, JTT and DFR.
 
-    python -P scripts/decoy_experiment.py OUT [--seeds 5] [--train-size N] [--epochs 4] [--ft-epochs 1]
-                                              [--arms vanilla,clean,...] [--publish docs/results/decoy-fashion-mnist]
+    python -P scripts/decoy_experiment.py OUT [--seeds 5] [--train-size N] [--ft-size N] [--epochs 4]
+                                              [--ft-epochs 1] [--arms vanilla,clean,...]
+                                              [--publish docs/results/decoy-fashion-mnist]
+    torchrun --standalone --nproc-per-node 2 scripts/decoy_experiment.py OUT ...   (the cells in 2 processes)
 
-One decoyed model (small-resnet, ``--epochs`` of i2x's recipe on decoy-fashion-mnist, tracked, its
-prototypes and analysis) and one clean model (the same recipe on Fashion-MNIST) are trained once.
-Every arm then fine-tunes a copy of the decoyed model (the clean arm: of the clean model) for
-``--ft-epochs`` epochs with the same optimiser, learning rate, batch and data order per seed:
+``--val-size`` training images (default 5,000, stratified) are held out from every model. One
+decoyed model (small-resnet, ``--epochs`` of i2x's recipe on the rest of decoy-fashion-mnist,
+tracked, its prototypes and analysis) and one clean model (the same recipe on the same images
+without decoys) are trained once. Every arm then fine-tunes a copy of the decoyed model (the clean
+arm: of the clean model) on the same ``--ft-size`` training images for ``--ft-epochs`` epochs
+with the same optimiser, learning rate, batch and data order per seed:
 
     vanilla      the decoyed training set as it is (the control)
     clean        the clean model on clean data (the reference the gap is measured to)
@@ -19,12 +23,18 @@ Every arm then fine-tunes a copy of the decoyed model (the clean arm: of the cle
     hard         control: the lowest-margin samples drawn once more
     transplanted i2x: each target's flagged region pasted into an image of another class
 
-i2x's arms never see the masks. Each cell is written to ``OUT/cells/ARM-SEED.json`` when it
-finishes; a second run skips finished cells. Measured per cell: accuracy on the decoyed and the
-clean test sets, and the wrong-reason share (GradCAM relevance inside the decoy mask, averaged
-over ``--wrong-reason-images`` decoyed test images). ``OUT/results.json`` and ``results.md``
-hold the table: means, paired differences against ``vanilla`` with 95% t-intervals over seeds,
-and the share of the vanilla-to-clean gap each arm recovers on the decoyed test set.
+i2x's arms never see the masks and run with the library's defaults (the analysis' shortcut cut,
+the model-scope target rule). RRR's weight is chosen once from ``--rrr-weights`` on the held-out
+images with the test rule (random greys), which needs the masks: the mask baseline gets its best
+weight, and ``rrr_i2x`` uses the same one (stated on the page).
+
+Under ``torchrun`` rank 0 trains the models first (the other processes wait), then every process
+takes every n-th cell. Each cell is written to ``OUT/cells/ARM-SEED.json`` when it finishes; a
+second run skips finished cells. Measured per cell: accuracy on the decoyed and the clean test
+sets, and the wrong-reason share (GradCAM relevance inside the decoy mask, averaged over
+``--wrong-reason-images`` decoyed test images). ``OUT/results.json`` and ``results.md`` hold the
+table: means, paired differences against ``vanilla`` with 95% t-intervals over seeds, the share of
+the vanilla-to-clean gap each arm recovers on the decoyed test set, and the wall time.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import torch
 import i2x
 from i2x._internal.ranks import agree, process_group, share
 from i2x.apps.demo import train_run
-from i2x.data import load_dataset, training_subset
+from i2x.data import ImageDataset, load_dataset, stratified_subset, training_subset
 from i2x.loop import RRRPenalty, dfr_retrain, find_targets, jtt_error_set, jtt_sampler
 from i2x.loop.experiments import paired_interval
 from i2x.loop.targets import load_targets
@@ -61,22 +71,77 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
+def _held_out(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rest, validation)`` positions of the 60,000 training images: a stratified, seeded
+    validation split that no model trains on (the same for the decoyed and the clean set)."""
+    labels = load_dataset("fashion-mnist", train=True).labels
+    val = stratified_subset(labels, size, seed=2) if size else torch.zeros(0, dtype=torch.int64)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
+def oracle_validation(val, seed: int = 0):
+    """The validation images with the test rule: each square takes the grey of a random class,
+    so the decoy carries no information (what the decoyed test set does). It needs the masks: only
+    the mask-based baseline is tuned on it."""
+    from i2x.data.decoy import decoy_grey
+
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(0, val.num_classes, (len(val),), generator=g)
+    pixels = val.denormalize(val.images)
+    square = val.masks.expand_as(pixels)
+    pixels = torch.where(square, decoy_grey(drawn).view(-1, 1, 1, 1).expand_as(pixels), pixels)
+    mean = torch.tensor(val.mean).view(1, -1, 1, 1)
+    std = torch.tensor(val.std).view(1, -1, 1, 1)
+    return ImageDataset((pixels - mean) / std, val.labels, list(val.classes), val.name, "validation", val.mean,
+                        val.std, masks=val.masks, decoy_labels=drawn, decoy_seed=val.decoy_seed)
+
+
 def _data(args) -> dict:
     full = load_dataset("decoy-fashion-mnist", train=True)
-    train, record = training_subset(full, args.train_size, seed=0)
-    record.update(name="decoy-fashion-mnist", decoy_seed=0)
-    clean_train, clean_record = training_subset(load_dataset("fashion-mnist", train=True), args.train_size, seed=0)
+    clean_full = load_dataset("fashion-mnist", train=True)
+    rest, val = _held_out(len(full), args.val_size)
+    train, record = training_subset(full.subset(rest), args.train_size, seed=0)
+    record.update(name="decoy-fashion-mnist", decoy_seed=0, held_out={"size": args.val_size, "seed": 2})
+    clean_train, clean_record = training_subset(clean_full.subset(rest), args.train_size, seed=0)
+    clean_record.update(name="fashion-mnist", held_out={"size": args.val_size, "seed": 2})
     # The arms fine-tune on a stratified part of the training set (the same part for every arm)
     ft_train, _ = training_subset(train, args.ft_size, seed=1)
     ft_clean, _ = training_subset(clean_train, args.ft_size, seed=1)
     return {"train": train, "record": record, "clean_train": clean_train, "clean_record": clean_record,
-            "ft_train": ft_train, "ft_clean": ft_clean, "test": load_dataset("decoy-fashion-mnist", train=False),
+            "ft_train": ft_train, "ft_clean": ft_clean, "validation": oracle_validation(full.subset(val)),
+            "test": load_dataset("decoy-fashion-mnist", train=False),
             "clean_test": load_dataset("fashion-mnist", train=False)}
+
+
+def tune_rrr(out: Path, args, d: dict, decoyed) -> dict:
+    """RRR's weight (lambda), chosen once from ``--rrr-weights`` by the accuracy on the oracle
+    validation split after one fine-tuning run (seed 0) with the true masks; both RRR arms use it.
+    The paper sets lambda so that its two loss terms are of a size; how large that is depends on
+    the input scale and the model, so the grid spans three orders of magnitude."""
+    path = out / "rrr_tuning.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    calibration = calibration_images(d["ft_train"])
+    trials = []
+    for weight in args.rrr_weights:
+        model = copy.deepcopy(decoyed)
+        stats = finetune(model, d["ft_train"], penalty=RRRPenalty(d["ft_train"].masks, weight=weight),
+                         epochs=args.ft_epochs, seed=0, batch_size=args.batch_size, lr=args.lr)
+        acc = evaluate(model, d["validation"], calibration, num_classes=10)["accuracy"]
+        trials.append({"weight": weight, "validation_accuracy": acc, "mean_loss": stats.mean_loss,
+                       "mean_penalty": stats.mean_penalty})
+        print(f"rrr tuning: weight {weight:g}: validation accuracy {100 * acc:.1f}%", flush=True)
+    best = max(trials, key=lambda t: t["validation_accuracy"])
+    result = {"chosen": best["weight"], "trials": trials, "validation_size": len(d["validation"])}
+    _write_json(path, result)
+    return result
 
 
 def train_models(out: Path, args) -> None:
     """Rank 0, before the processes meet: the decoyed and the clean model (trained once, resumable),
-    the decoyed run's analysis and its model-scope targets over the fine-tuning set."""
+    the decoyed run's analysis, its model-scope targets over the fine-tuning set, RRR's weight."""
     d = _data(args)
     _, decoyed, _ = train_run(out / "decoyed", d["train"], epochs=args.epochs, probe_size=args.probe_size,
                               n_prototypes=args.n_prototypes, dataset_record=d["record"])
@@ -89,6 +154,7 @@ def train_models(out: Path, args) -> None:
         load_targets(store.path)
     except FileNotFoundError:
         find_targets(store.path, decoyed, d["ft_train"], scope="model", probe_dataset=d["train"], progress=True)
+    tune_rrr(out, args, d, decoyed)
 
 
 def prepare(out: Path, args) -> dict:
@@ -97,6 +163,7 @@ def prepare(out: Path, args) -> dict:
     ctx["decoyed"] = final_model(RunStore.open(out / "decoyed"))
     ctx["clean"] = final_model(RunStore.open(out / "clean"))
     ctx["targets"] = load_targets(out / "decoyed")
+    ctx["rrr_weight"] = json.loads((out / "rrr_tuning.json").read_text())["chosen"]
     return ctx
 
 
@@ -127,9 +194,9 @@ def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
             dfr_retrain(model, train, train.labels * 2 + flagged, seed=seed,
                         calibration=calibration_images(train))
     elif arm == "rrr_masks":
-        finetune(model, train, penalty=RRRPenalty(train.masks, weight=args.rrr_weight), **recipe)
+        finetune(model, train, penalty=RRRPenalty(train.masks, weight=ctx["rrr_weight"]), **recipe)
     elif arm == "rrr_i2x":
-        finetune(model, train, penalty=RRRPenalty.from_targets(targets, train, weight=args.rrr_weight), **recipe)
+        finetune(model, train, penalty=RRRPenalty.from_targets(targets, train, weight=ctx["rrr_weight"]), **recipe)
     elif arm == "jtt":
         errors = jtt_error_set(ctx["decoyed"], train, calibration=calibration_images(train))
         finetune(model, train, sampler=jtt_sampler(train, errors, seed=seed), **recipe)
@@ -206,7 +273,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--probe-size", type=int, default=2000)
     p.add_argument("--n-prototypes", type=int, default=32)
-    p.add_argument("--rrr-weight", type=float, default=10.0)
+    p.add_argument("--rrr-weights", type=lambda t: [float(v) for v in t.split(",")], default=[10.0, 100.0, 1000.0],
+                   help="RRR's lambda grid, chosen on the oracle validation split (default 10,100,1000)")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="training images held out from every model, for tuning RRR (default 5000)")
     p.add_argument("--wrong-reason-images", type=int, default=1000)
     p.add_argument("--publish", type=Path, default=None, help="also write PATH.json and PATH.md")
     args = p.parse_args(argv)
@@ -245,11 +315,12 @@ def main(argv=None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["targets"] = ctx["targets"].summary()
     config["processes"] = world
+    config["rrr_tuning"] = json.loads((args.out / "rrr_tuning.json").read_text())
     table = summarize(cells, arms, seeds)
     results = {"config": config, "cells": cells, "table": table, "wall_s": round(time.perf_counter() - began, 1)}
     _write_json(args.out / "results.json", results)
     text = markdown(table, {k: config[k] for k in ("seeds", "train_size", "ft_size", "epochs", "ft_epochs", "lr",
-                                                   "rrr_weight")})
+                                                   "val_size")} | {"rrr_weight": ctx["rrr_weight"]})
     (args.out / "results.md").write_text(text)
     if args.publish:
         _write_json(args.publish.with_suffix(".json"), results)
