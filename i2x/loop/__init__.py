@@ -7,7 +7,7 @@ training and fine-tuning, the paired experiment, and planted marks to test it on
     penalty.py      :class:`ExplanationPenalty`, a loss term on where the model looks
     training.py     :func:`train`, :func:`finetune`, :func:`evaluate`
     experiments.py  :func:`experiment`: arms x seeds, paired intervals, resumable
-    planted.py      :func:`plant_mark`: a known shortcut for testing the loop
+    planted.py      :class:`Mark`, :func:`draw_marks`, :func:`plant_mark`: known shortcuts of any shape
     rrr.py          :class:`RRRPenalty`: baseline, "right for the right reasons" (input-gradient penalty)
     jtt.py          :func:`jtt_error_set`, :func:`jtt_sampler`: baseline, "just train twice"
     dfr.py          :func:`dfr_retrain`: baseline, last-layer retraining on a group-balanced set
@@ -23,7 +23,7 @@ from i2x.loop.experiments import (
 )
 from i2x.loop.jtt import JTT_LAMBDA_UP, jtt_error_set, jtt_sampler
 from i2x.loop.penalty import ExplanationPenalty
-from i2x.loop.planted import PlantedMark, plant_mark
+from i2x.loop.planted import SHAPES, Mark, PlantedMark, draw_marks, plant_mark
 from i2x.loop.rrr import RRR_WEIGHT, RRRPenalty
 from i2x.loop.target_rule import TARGET_DEFAULTS, check_target_options, find_targets, otsu_threshold, separability
 from i2x.loop.targets import NothingToCurate, Targets, known_targets, load_targets
@@ -32,6 +32,6 @@ from i2x.loop.training import evaluate, finetune, train
 __all__ = ["Targets", "NothingToCurate", "find_targets", "known_targets", "load_targets", "TARGET_DEFAULTS",
            "check_target_options", "otsu_threshold", "separability",
            "ExplanationPenalty", "train", "finetune", "evaluate", "experiment", "load_results", "ALL_ARMS",
-           "DEFAULT_ARMS", "QUICK_ARMS", "PlantedMark", "plant_mark",
+           "DEFAULT_ARMS", "QUICK_ARMS", "PlantedMark", "plant_mark", "Mark", "draw_marks", "SHAPES",
            "RRRPenalty", "RRR_WEIGHT", "jtt_error_set", "jtt_sampler", "JTT_LAMBDA_UP", "dfr_retrain", "final_linear",
            "DFR_C", "DFR_SUBSAMPLES"]
