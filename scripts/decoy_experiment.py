@@ -289,7 +289,13 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # before the processes meet: a Tracker must see no group
         args.out.mkdir(parents=True, exist_ok=True)
         cells_dir.mkdir(exist_ok=True)
-        train_models(args.out, args)
+        # torchrun gives each process one thread; while rank 0 trains, the others only wait
+        threads = torch.get_num_threads()
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        try:
+            train_models(args.out, args)
+        finally:
+            torch.set_num_threads(threads)
     # The other ranks wait here while rank 0 trains (hours at full size)
     rank, world = process_group(timeout=timedelta(hours=24))
     ctx = prepare(args.out, args)
