@@ -56,7 +56,7 @@ from i2x.apps.demo import train_run
 from i2x.data import ImageDataset, load_dataset, stratified_subset, training_subset
 from i2x.loop import RRRPenalty, dfr_retrain, find_targets, jtt_error_set, jtt_sampler
 from i2x.loop.experiments import paired_interval
-from i2x.loop.targets import load_targets
+from i2x.loop.targets import NothingToCurate, load_targets
 from i2x.loop.training import calibration_images, evaluate, finetune
 from i2x.store import RunStore
 from i2x.track import final_model
@@ -153,7 +153,12 @@ def train_models(out: Path, args) -> None:
     try:
         load_targets(store.path)
     except FileNotFoundError:
-        find_targets(store.path, decoyed, d["ft_train"], scope="model", probe_dataset=d["train"], progress=True)
+        try:
+            find_targets(store.path, decoyed, d["ft_train"], scope="model", probe_dataset=d["train"], progress=True)
+        except NothingToCurate as e:  # the run's targets.json now says so; the i2x arms are skipped
+            print(f"targets: {e}", flush=True)
+    except NothingToCurate:
+        pass
     tune_rrr(out, args, d, decoyed)
 
 
@@ -162,7 +167,10 @@ def prepare(out: Path, args) -> dict:
     ctx = _data(args)
     ctx["decoyed"] = final_model(RunStore.open(out / "decoyed"))
     ctx["clean"] = final_model(RunStore.open(out / "clean"))
-    ctx["targets"] = load_targets(out / "decoyed")
+    try:
+        ctx["targets"], ctx["no_targets"] = load_targets(out / "decoyed"), None
+    except NothingToCurate as e:  # the analysis flagged nothing: the arms that need targets are skipped
+        ctx["targets"], ctx["no_targets"] = None, str(e)
     ctx["rrr_weight"] = json.loads((out / "rrr_tuning.json").read_text())["chosen"]
     return ctx
 
@@ -178,8 +186,13 @@ def _measure(model, ctx: dict, calibration, n_wrong: int) -> dict:
     return {"decoyed_accuracy": acc, "clean_accuracy": clean_acc, "wrong_reason": float(share.value)}
 
 
+NEEDS_TARGETS = ("rrr_i2x", "dfr_i2x", "random", "hard", "transplanted")
+
+
 def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
     train, targets = ctx["ft_train"], ctx["targets"]
+    if targets is None and arm in NEEDS_TARGETS:
+        return {"arm": arm, "seed": seed, "skipped": f"no targets: {ctx['no_targets']}"}
     recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size, "lr": args.lr}
     start = ctx["clean"] if arm == "clean" else ctx["decoyed"]
     model = copy.deepcopy(start)
@@ -215,7 +228,7 @@ def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
 
 
 def summarize(cells: list[dict], arms: list[str], seeds: list[int]) -> dict:
-    by = {(c["arm"], c["seed"]): c for c in cells}
+    by = {(c["arm"], c["seed"]): c for c in cells if "skipped" not in c}
     table = {}
     for arm in arms:
         mine = [by[(arm, s)] for s in seeds if (arm, s) in by]
@@ -309,6 +322,9 @@ def main(argv=None) -> int:
                 continue
             cell = run_cell(arm, seed, ctx, args)
             _write_json(path, cell)
+            if "skipped" in cell:
+                print(f"[rank {rank}] {arm} seed {seed}: skipped ({cell['skipped']})", flush=True)
+                continue
             print(f"[rank {rank}] {arm} seed {seed}: decoyed {100 * cell['decoyed_accuracy']:.1f}%, clean "
                   f"{100 * cell['clean_accuracy']:.1f}%, wrong-reason {cell['wrong_reason']:.3f} "
                   f"({cell['train_s']:.0f} s)", flush=True)
@@ -319,7 +335,7 @@ def main(argv=None) -> int:
         return 0
     cells = [json.loads((cells_dir / f"{arm}-{seed}.json").read_text()) for arm, seed in everything]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config["targets"] = ctx["targets"].summary()
+    config["targets"] = ctx["targets"].summary() if ctx["targets"] is not None else {"none": ctx["no_targets"]}
     config["processes"] = world
     config["rrr_tuning"] = json.loads((args.out / "rrr_tuning.json").read_text())
     table = summarize(cells, arms, seeds)
