@@ -20,7 +20,7 @@ PY="$VENV/bin/python"
   "scikit-build-core>=1.1" "pybind11>=2.12" "cmake>=3.26" ninja numpy \
   "safetensors>=0.4" "scikit-learn>=1.3" tqdm "matplotlib>=3.7" \
   "pytest>=8" "pytest-benchmark>=4" expecttest \
-  captum grad-cam timm lightning build packaging \
+  captum grad-cam timm lightning build packaging "cleanlab>=2.6" \
   import-linter==2.17 ruff==0.17.6 mypy==2.4.1    # test-only: the linters of scripts/lint.sh, pinned so a new release cannot turn CI red (tests/test_architecture.py runs lint-imports too), build and packaging (tests/test_wheel.py makes the sdist with it), the parity peers, timm (tests/test_timm.py explains its models), lightning (tests/test_lightning.py)
 # test-only: tests/_browser.py drives the system Chromium (.ci/run installs it) through Playwright;
 # no browser is downloaded (it is launched with executable_path=/usr/bin/chromium).
