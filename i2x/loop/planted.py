@@ -94,7 +94,7 @@ class Mark:
 
     @classmethod
     def from_dict(cls, d: dict) -> Mark:
-        return cls(shape=d["shape"], size=int(d["size"]), places=tuple(tuple(int(v) for v in p) for p in d["places"]),
+        return cls(shape=d["shape"], size=int(d["size"]), places=tuple((int(p[0]), int(p[1])) for p in d["places"]),
                    intensity=float(d["intensity"]), rates=tuple((int(c), float(r)) for c, r in d["rates"]),
                    pattern_seed=int(d.get("pattern_seed", 0)))
 
@@ -261,11 +261,12 @@ def draw_marks(n: int, seed: int, image_hw: tuple[int, int], num_classes: int) -
         high = float(pick([0.6, 0.8, 0.95]))
         low = float(pick([0.0, 0.05, 0.1]))
         main = int(torch.randint(0, num_classes, (1,), generator=g))
+        pairs: list[tuple[int, float]]
         if float(torch.rand(1, generator=g)) < 0.5:  # a pair
             other = (main + 1 + int(torch.randint(0, num_classes - 1, (1,), generator=g))) % num_classes
-            rates = ((main, high), (other, low))
+            pairs = [(main, high), (other, low)]
         else:  # one class against the rest
-            rates = tuple((c, high if c == main else low) for c in range(num_classes))
-        rates = tuple(sorted(rates))
+            pairs = [(c, high if c == main else low) for c in range(num_classes)]
+        rates = tuple(sorted(pairs))
         marks.append(Mark(shape, size, places, intensity, rates, pattern_seed=int(seed) * 100 + i))
     return marks
