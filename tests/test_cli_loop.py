@@ -249,3 +249,48 @@ def test_python_m_i2x(tmp_path):
     out = _cli(tmp_path, "experiment", tmp_path / "nowhere", "--data", "digits", timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("i2x experiment: error: run folder")
     assert out.stderr.count("\n") == 1 and out.stdout == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# labels: the label diagnosis, and the experiment's warning on an overlapping pair
+
+
+def test_labels_equals_the_api_and_the_experiment_warns_on_overlap(loop, tmp_path, capsys):
+    pytest.importorskip("cleanlab")
+    from i2x.analysis.labels import diagnose_labels
+
+    run = _copy(loop, tmp_path)
+    capsys.readouterr()
+    assert main(["labels", str(run), "--data", "digits", "--images", "1000", "--n-pairs", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    on_disk = json.loads((run / "labels.json").read_text())
+    assert printed["pairs"] == on_disk["pairs"] and len(on_disk["pairs"]) == 2
+    api = diagnose_labels(run, _final_model(run), i2x.load_dataset("digits"), n_pairs=2, n_images=1000, save=False)
+    assert [e["issue_positions"] for e in api["pairs"]] == [e["issue_positions"] for e in on_disk["pairs"]]
+    analysis = json.loads((run / "analysis.json").read_text())
+    assert [e["pair"] for e in on_disk["pairs"]] == [e["pair"] for e in analysis["uncertainty"][:2]]
+    for entry in on_disk["pairs"]:
+        assert entry["verdict"] in ("shortcut", "overlap", "unclear") and entry["line"].startswith(
+            f"{entry['names'][0]} vs {entry['names'][1]}: ")
+    assert main(["labels", str(run), "--data", "digits", "--images", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("i2x labels: ") and all(f"  {e['line']}" in text for e in on_disk["pairs"])
+
+    # Marked as overlap, the pair the experiment will compare on gets a warning before the work.
+    pair = on_disk["pairs"][0]["pair"]
+    (run / "targets.json").unlink(missing_ok=True)
+    _edit_json(run / "labels.json", lambda d: d["pairs"][0].update(verdict="overlap", line="A vs B: overlapping"))
+    assert main(["experiment", str(run), "--data", "digits", "--arms", "full", "--seeds", "1", "--precision", "fp32",
+                 "--name", "warned", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "i2x experiment: warning: A vs B: overlapping (i2x labels," in err, (pair, err)
+
+
+def test_labels_refuses_bad_folds_and_a_run_without_analysis(loop, tmp_path, capsys):
+    pytest.importorskip("cleanlab")
+    run = _copy(loop, tmp_path)
+    assert main(["labels", str(run), "--data", "digits", "--folds", "1"]) == 2
+    assert "--folds: expected at least 2" in capsys.readouterr().err
+    (run / "analysis.json").unlink()
+    assert main(["labels", str(run), "--data", "digits"]) == 2
+    assert "no analysis: run `i2x analyze RUN`" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Stage 9 from the command line: ``i2x curate`` (the training samples that rely on a pair's
-flagged prototypes) and ``i2x experiment`` (arms x seeds of fine-tuning, resumable)."""
+flagged prototypes), ``i2x labels`` (shortcut or class overlap: the label diagnosis of the
+confused pairs) and ``i2x experiment`` (arms x seeds of fine-tuning, resumable)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from i2x.cli.common import (
     check_grid,
     class_index,
     class_label,
+    emit,
     int_list,
     key_value,
     non_negative_float,
@@ -47,6 +49,21 @@ def register(sub) -> None:
                         "max_fraction=0.5 batch_size=N (default: from --memory-budget)")
     add_memory_budget(curate)
     curate.set_defaults(handler=_curate)
+
+    labels = sub.add_parser("labels", parents=[COMMON],
+                            help="shortcut or class overlap: cleanlab's label diagnosis of the most confused pairs",
+                            description="For the analysis' most confused pairs, estimate how many images are likely "
+                                        "mislabelled or ambiguous toward the other class (cleanlab, on cross-fitted "
+                                        "probabilities of a logistic head on the final model's pooled features) and "
+                                        "set it beside the shortcut reading; writes RUN/labels.json. Needs cleanlab "
+                                        "(pip install 'i2x[labels]').")
+    add_model_data_options(labels)
+    labels.add_argument("--n-pairs", type=positive_int, default=3, help="pairs to diagnose (default 3)")
+    labels.add_argument("--images", type=positive_int, default=10_000,
+                        help="training images read (stratified; default 10000)")
+    labels.add_argument("--folds", type=positive_int, default=5, help="cross-fitting folds (default 5, at least 2)")
+    add_memory_budget(labels)
+    labels.set_defaults(handler=_labels)
 
     exp = sub.add_parser("experiment", parents=[COMMON],
                          help="stage 9: arms x seeds of fine-tuning from the final weights (resumable)",
@@ -187,6 +204,50 @@ def _arms(text: str) -> tuple[str, ...]:
     return arms
 
 
+def _labels(args) -> int:
+    from i2x.analysis.labels import diagnose_labels
+
+    if args.folds < 2:
+        raise ValueError("--folds: expected at least 2")
+    store = open_run(args.run)
+    model = run_model(store, args.weights, args.device)
+    train = run_data(store, args, train=True)
+    check_grid(model, store, train, args.device)
+    result = diagnose_labels(store, model, train, n_pairs=args.n_pairs, n_images=args.images, folds=args.folds,
+                             device=args.device, memory_budget=args.memory_budget)
+
+    def text() -> str:
+        lines = [f"i2x labels: {store.path / 'labels.json'} ({result['images']} training images; probabilities: "
+                 f"{result['probabilities']}, {100 * result['accuracy']:.1f}% accurate; likely label issues "
+                 f"{100 * result['issues']:.1f}% of all)"]
+        lines += [f"  {entry['line']}" for entry in result["pairs"]]
+        return "\n".join(lines)
+
+    emit(args, {k: v for k, v in result.items() if k != "schema"}, text)
+    return 0
+
+
+def _experiment_pair(store):
+    """The pair an experiment will compare on: its targets' pair, else the analysis' first."""
+    targets, analysis = store.path / "targets.json", store.path / "analysis.json"
+    if targets.exists() and json.loads(targets.read_text()).get("pair"):
+        return json.loads(targets.read_text())["pair"]
+    if analysis.exists():
+        entries = json.loads(analysis.read_text()).get("uncertainty") or []
+        return entries[0]["pair"] if entries else None
+    return None
+
+
+def _overlap_warning(store, pair) -> None:
+    """Before a long experiment: say so when the label diagnosis found the pair overlapping."""
+    path = store.path / "labels.json"
+    if pair is None or not path.exists():
+        return
+    for entry in json.loads(path.read_text()).get("pairs", []):
+        if sorted(entry.get("pair", [])) == sorted(pair) and entry.get("verdict") == "overlap":
+            print(f"i2x experiment: warning: {entry['line']} (i2x labels, {path})", file=sys.stderr)
+
+
 def _experiment(args) -> int:
     from i2x.loop.experiments import experiment, results_markdown
 
@@ -197,6 +258,8 @@ def _experiment(args) -> int:
     test = run_data(store, args, train=False)
     check_grid(model, store, train, args.device)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: process 0 alone prints the table
+    if args.scope == "pair" and rank == 0:
+        _overlap_warning(store, _experiment_pair(store))
     quiet = args.quiet or args.json
     where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     log = None if quiet else (lambda line: print(f"  {where}{line}", flush=True))
