@@ -512,3 +512,24 @@ def test_the_model_wide_shortcut_reading_is_shown_as_the_analysis_holds_it(run_d
     rows = tables[0][1:]
     assert [(row[0], int(row[1])) for row in rows] == [(name, p["prototype"]) for name, p in flagged]
     assert [row[2] for row in rows] == [f"{p['score']:.3g}" for _, p in flagged]
+
+
+def test_the_label_diagnosis_is_shown_with_its_likeliest_mislabelled_images(run_dir, data, tmp_path):
+    """A labels.json written by hand: its lines appear as they are, and each exemplar is a tile
+    captioned with its stored label and the pair's other class."""
+    train, _ = data
+    run = _copy(run_dir, tmp_path)
+    assert "Shortcut or class overlap" not in render_report(run, dataset=train).html  # none yet
+    fours = (train.labels == 4).nonzero().flatten()[:2].tolist()
+    nines = (train.labels == 9).nonzero().flatten()[:1].tolist()
+    entry = {"pair": [4, 9], "names": ["4", "9"], "images": 290, "issues": 3, "issue_share": 3 / 290,
+             "overlap": 0.004, "overlapping": 3, "issue_positions": fours + nines, "exemplars": fours + nines,
+             "shortcut_prototypes": [], "verdict": "unclear", "line": "4 vs 9: a line written by hand"}
+    (run / "labels.json").write_text(json.dumps({"schema": "i2x-labels", "schema_version": 1, "pairs": [entry],
+                                                 "issues": 0.01, "images": 1000, "folds": 5, "seed": 0,
+                                                 "accuracy": 0.9, "probabilities": "by hand"}))
+    html = render_report(run, dataset=train).html
+    assert "Shortcut or class overlap" in html and "<li>4 vs 9: a line written by hand</li>" in html
+    names = train.classes
+    assert html.count(f"labelled {names[4]}, likely {names[9]}") == 2 * 2  # alt text and caption, two images
+    assert html.count(f"labelled {names[9]}, likely {names[4]}") == 2

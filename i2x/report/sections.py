@@ -391,13 +391,43 @@ def _shortcuts(r: LoadedRun) -> list[str]:
     return parts
 
 
+def _label_diagnosis(r: LoadedRun) -> list[str]:
+    """``i2x labels``' verdict per pair (shortcut or class overlap), with the likeliest mislabelled
+    images; nothing when the run has no diagnosis."""
+    path = r.store.path / "labels.json"
+    if not path.exists():
+        return []
+    diagnosis = r.store.read_json("labels")
+    parts = ["<h3>Shortcut or class overlap</h3>",
+             f"<p>cleanlab on out-of-sample probabilities ({_e(diagnosis['probabilities'])}, "
+             f"{_pct(diagnosis['accuracy'])} accurate on {diagnosis['images']} training images): the share of each "
+             "pair's images that are likely mislabelled or ambiguous toward the other class, beside the shortcut "
+             "reading's flags. Fine-tuning repairs a shortcut; it does not repair overlapping classes.</p>",
+             "<ul>" + "".join(f"<li>{_e(e['line'])}</li>" for e in diagnosis["pairs"]) + "</ul>"]
+    if r.data is None:
+        return parts
+    for e in diagnosis["pairs"]:
+        if not e["exemplars"]:
+            continue
+        a, b = e["pair"]
+        names = r.store.classes
+        tiles = []
+        for i in e["exemplars"]:
+            given = int(r.data.labels[i])
+            other = b if given == a else a
+            tiles.append(_tile(_pixels(r.data, r.data.images[i]), f"labelled {names[given]}, likely {names[other]}"))
+        parts.append(f"<p>{_e(names[a])} vs {_e(names[b])}: the likeliest mislabelled training images</p>"
+                     + _group(tiles))
+    return parts
+
+
 def uncertain(r: LoadedRun) -> str:
     if r.analysis is None:
         assert r.analysis_note is not None  # load_run says why there is no analysis
         return r.note(r.analysis_note)
     a = r.analysis
     entries = a.data["uncertainty"]
-    shortcuts = _shortcuts(r)
+    shortcuts = _shortcuts(r) + _label_diagnosis(r)
     if not entries:
         return "\n".join(shortcuts + ["<p>The analysis examined no pair (n_pairs = 0).</p>"])
     classes = r.store.classes
