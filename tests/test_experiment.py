@@ -346,3 +346,46 @@ def test_the_scope_must_match_the_targets(setup, tmp_path):
         i2x.experiment(run_dir, setup["model"], setup["train"], setup["test"], targets=setup["targets"],
                        scope="class", **common)
     assert not (run_dir / "experiment").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cleaned arm: the pair's likely mislabelled images (i2x labels) dropped
+
+
+def _write_labels(run_dir, positions, pair=PAIR):
+    entry = {"pair": list(pair), "names": ["c0", "c2"], "images": 160, "issues": len(positions),
+             "issue_share": len(positions) / 160, "overlap": 0.01, "overlapping": len(positions),
+             "issue_positions": positions, "exemplars": positions[:12], "shortcut_prototypes": [],
+             "verdict": "overlap", "line": "c0 vs c2: by hand"}
+    (run_dir / "labels.json").write_text(json.dumps({"schema": "i2x-labels", "schema_version": 1, "pairs": [entry]}))
+
+
+def test_the_cleaned_arm_drops_the_diagnosed_images_and_is_recomputed_by_hand(setup, tmp_path):
+    train, test = setup["train"], setup["test"]
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, train)
+    arms = ["full", "cleaned->full"]
+    res = i2x.experiment(run_dir, setup["model"], train, test, arms=arms, seeds=1, targets=setup["targets"],
+                         name="nolabels", **SETTINGS)
+    assert "i2x labels RUN --data NAME" in res["arms"]["cleaned->full"]["skipped"]
+    in_pair = ((train.labels == PAIR[0]) | (train.labels == PAIR[1])).nonzero().flatten()
+    dropped = in_pair[::9].tolist()
+    _write_labels(run_dir, dropped)
+    res = i2x.experiment(run_dir, setup["model"], train, test, arms=arms, seeds=1, targets=setup["targets"],
+                         **SETTINGS)
+    assert res["config"]["cleaned"] is not None and "skipped" not in res["arms"]["cleaned->full"]
+    n, seed = len(train), 0
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[dropped] = False
+    model = copy.deepcopy(setup["model"])
+    common = dict(epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], precision="fp32", seed=seed)
+    i2x.finetune(model, train, order=lambda e: epoch_permutation(n, seed, e)[keep[epoch_permutation(n, seed, e)]],
+                 **common)
+    i2x.finetune(model, train, order=lambda e: epoch_permutation(n, seed, e + 1), **common)
+    ev = i2x.evaluate(model, test, calibration_images(train), num_classes=3)
+    assert ev["confusion"] == res["arms"]["cleaned->full"]["seeds"]["0"]["confusion"]
+    # positions beyond the training set are refused, naming the file
+    _write_labels(run_dir, [len(train) + 5])
+    with pytest.raises(ValueError, match="labels.json: positions up to"):
+        i2x.experiment(run_dir, setup["model"], train, test, arms=arms, seeds=1, targets=setup["targets"],
+                       name="bad", **SETTINGS)

@@ -12,6 +12,7 @@ on one strategy's data (``docs/experiments.md``)::
     random        as many random samples of the pair dropped (control for curated)
     pairup        extra draws from the whole pair        hard         extra draws of the lowest-margin samples
     oracle        ``oracle_strategy`` on known regions (a planted shortcut's true marks)
+    cleaned       without the pair's likely mislabelled images (``i2x labels``: RUN/labels.json)
 
 ``"a->b"`` runs stage a then stage b. Common random numbers: within a seed, every arm starts from
 bit-identical weights and every stage of epoch e draws its order from
@@ -56,8 +57,8 @@ __all__ = ["arm_stages", "check_arms", "STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS",
            "paired_interval", "summarize", "load_results"]
 
 STRATEGIES = ("full", "curated", "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
-              "oracle")
-_NEEDS_TARGETS = set(STRATEGIES) - {"full", "oracle"}
+              "oracle", "cleaned")
+_NEEDS_TARGETS = set(STRATEGIES) - {"full", "oracle", "cleaned"}
 ALL_ARMS = (
     "full", "curated", "full->full", "curated->curated", "curated->full", "perturbed->full", "transplanted->full",
     "reweighted->full", "penalized->full", "random->full", "pairup->full", "hard->full",
@@ -317,8 +318,9 @@ class _Arms:
     """Builds every strategy's data for a seed (memoised: a stage built once serves every arm)."""
 
     def __init__(self, train, targets: Targets | None, oracle: Targets | None, oracle_strategy: str,
-                 perturb_mode: str):
+                 perturb_mode: str, cleaned: torch.Tensor | None = None):
         self.train, self.targets, self.oracle = train, targets, oracle
+        self.cleaned = cleaned
         self.oracle_strategy, self.perturb_mode = oracle_strategy, perturb_mode
         self.n = len(train)
         self._cache: dict = {}
@@ -347,6 +349,11 @@ class _Arms:
             t, strategy = self.oracle, self.oracle_strategy
         if strategy == "full":
             return _Stage(self.train, self._permuted(seed))
+        if strategy == "cleaned":
+            assert self.cleaned is not None  # the arm is skipped without a label diagnosis
+            keep = torch.ones(self.n, dtype=torch.bool)
+            keep[self.cleaned] = False
+            return _Stage(self.train, self._permuted(seed, keep))
         assert t is not None  # run_experiment skips the arms that need targets when there are none
         if strategy in ("curated", "random"):
             keep = torch.ones(self.n, dtype=torch.bool)
@@ -364,6 +371,26 @@ class _Arms:
         make_sampler = {"reweighted": t.sampler, "pairup": t.pairup_sampler, "hard": t.hard_sampler}[strategy]
         sampler = make_sampler(self.train, seed=seed)
         return _Stage(self.train, sampler=sampler)
+
+
+def _label_issue_positions(store: RunStore, pair, train) -> tuple[torch.Tensor | None, str | None]:
+    """The training positions ``i2x labels`` found likely mislabelled toward the other class of
+    ``pair`` (the ``cleaned`` strategy drops them), or ``(None, why not)``."""
+    path = store.path / "labels.json"
+    if pair is None:
+        return None, "the cleaned arm drops one pair's likely mislabelled images; this experiment has no pair"
+    if not path.exists():
+        return None, "the run has no label diagnosis (run `i2x labels RUN --data NAME`, i2x.diagnose_labels)"
+    for entry in read_record(path, "i2x-labels", "an i2x label diagnosis").get("pairs", []):
+        if sorted(entry["pair"]) == sorted(pair):
+            positions = torch.tensor(entry["issue_positions"], dtype=torch.int64)
+            if positions.numel() and int(positions.max()) >= len(train):
+                raise ValueError(f"{path}: positions up to {int(positions.max())} but train_dataset has "
+                                 f"{len(train)} samples (was the diagnosis made on another training set?)")
+            if positions.numel() == 0:
+                return None, f"the label diagnosis found no likely mislabelled image in {tuple(pair)}"
+            return positions, None
+    return None, f"the label diagnosis does not cover {tuple(pair)} (run `i2x labels RUN --n-pairs N`)"
 
 
 def _check_pair_dataset(targets: Targets | None, train, test, m: int) -> None:
@@ -438,7 +465,7 @@ def experiment(
     arms = check_arms(arms, clean=clean is not None, oracle=oracle is not None)
     if perturb_mode not in PERTURB_MODES:
         raise ValueError(f"perturb_mode: expected one of {list(PERTURB_MODES)}, got {perturb_mode!r}")
-    if oracle_strategy not in STRATEGIES or oracle_strategy in ("oracle", "full"):
+    if oracle_strategy not in STRATEGIES or oracle_strategy in ("oracle", "full", "cleaned"):
         raise ValueError(f"oracle_strategy: expected a strategy that uses targets, got {oracle_strategy!r}")
     lr = FINETUNE_LR_FACTOR * float(train_lr) if lr is None else float(lr)
     skip_reason = None
@@ -480,6 +507,10 @@ def experiment(
         "train_size": len(train_dataset), "test_size": len(test_dataset),
         "clean_weights": None if clean is None else state_digest(clean[0]),
     }
+    cleaned, cleaned_skip = None, None
+    if any("cleaned" in arm_stages(arm) for arm in arms):  # only then: older results resume as they were
+        cleaned, cleaned_skip = _label_issue_positions(store, pair, train_dataset)
+        config["cleaned"] = None if cleaned is None else tensor_digest(cleaned)
     if scope == "model":  # a pair's results keep the settings they always had (they resume as they are)
         config["scope"] = "model"
     calibration = calibration_images(train_dataset)
@@ -500,6 +531,8 @@ def experiment(
                 needs = set(arm_stages(arm)) & _NEEDS_TARGETS
                 if targets is None and needs:
                     results["arms"][arm]["skipped"] = skip_reason
+                if cleaned is None and "cleaned" in arm_stages(arm):
+                    results["arms"][arm]["skipped"] = cleaned_skip
             _merge_cells(folder, results)
             if results.get("start") is None:
                 results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device,
@@ -511,7 +544,7 @@ def experiment(
     if rank != 0:
         results = load_results(store, name)
 
-    builder = _Arms(train_dataset, targets, oracle, oracle_strategy, perturb_mode)
+    builder = _Arms(train_dataset, targets, oracle, oracle_strategy, perturb_mode, cleaned)
     clean_builder = _Arms(clean[1], None, None, oracle_strategy, perturb_mode) if clean else None
     work = copy.deepcopy(unwrap_model(model))
     say = log or (lambda line: None)
