@@ -104,16 +104,30 @@ def test_the_summary_is_what_the_run_holds(demo):
     assert i2x.evaluate(model, test, calibration_images(train))["accuracy"] == pytest.approx(s["evaluation"]["accuracy"])
 
 
-def test_the_text_summary_has_five_lines_and_says_where_things_are(demo):
+def test_the_text_summary_has_seven_lines_and_says_where_things_are(demo):
     lines = i2x.apps.demo.summary_lines(demo["summary"])
-    assert len(lines) == 5
-    assert [line.split()[0] for line in lines[:4]] == ["accuracy", "pair", "uncertain", "targets"]
+    assert len(lines) == 7
+    assert [line.split()[0] for line in lines[:6]] == ["accuracy", "shortcuts", "pair", "uncertain", "diagnosis",
+                                                        "targets"]
+    analysis = json.loads((demo["folder"] / "analysis.json").read_text())
+    flagged = [p for e in analysis["shortcuts"]["per_class"] for p in e["flagged"]]
+    if flagged:  # the strongest first
+        assert lines[1].startswith(f"shortcuts     prototype {max(flagged, key=lambda p: p['score'])['prototype']} for ")
+    else:
+        assert lines[1] == "shortcuts     none flagged by the model-wide reading"
+    labels = json.loads((demo["folder"] / "labels.json").read_text()) if (demo["folder"] / "labels.json").exists() \
+        else None
+    if labels is not None:  # cleanlab installed: the pair's verdict, as the diagnosis wrote it
+        assert lines[4] == f"diagnosis     {labels['pairs'][0]['line']}"
+        assert labels["pairs"][0]["pair"] == demo["summary"]["pair"]["pair"]
+    else:
+        assert "needs cleanlab" in lines[4]
     best = demo["summary"]["best_arm"]
     against = best["against"].values()
     beats = bool(against) and all(c["pair_confusions"]["hi"] is not None and c["pair_confusions"]["hi"] < 0
                                   for c in against)
     assert best["beats_controls"] == beats
-    assert lines[4].startswith("best arm" if beats else "no arm won")
+    assert lines[6].startswith("best arm" if beats else "no arm won")
     report = Path(demo["summary"]["report"])
     assert report == demo["folder"] / "report" / "index.html" and report.exists()
     assert report.stat().st_size < MAX_REPORT_BYTES
@@ -129,7 +143,7 @@ def test_a_second_demo_reuses_every_stage(demo):
     assert "reused the trained model" in again.stderr
     assert "checkpoint at step" not in again.stderr and "seed 0:" not in again.stderr  # nothing retrained
     assert {f: (folder / f).stat().st_mtime_ns for f in watched} == before
-    assert again.stdout.splitlines()[-5:] == i2x.apps.demo.summary_lines(demo["summary"])
+    assert again.stdout.splitlines()[-7:] == i2x.apps.demo.summary_lines(demo["summary"])
     summary = RunStore.open(folder).read_json("demo")
     for key in ("evaluation", "pair", "targets", "best_arm"):
         assert summary[key] == demo["summary"][key], key

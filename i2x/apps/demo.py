@@ -160,7 +160,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     memory_budget: MiB one explain or evaluation batch may use (default 256; docs/memory.md).
     arms / seeds / train_size / epochs override the plan; precision ("auto", "bf16", "fp32") is
     the training loop's, for the base model and every fine-tuning cell. Returns the summary dict (also
-    written to ``FOLDER/demo.json``); :func:`summary_lines` turns it into the five lines."""
+    written to ``FOLDER/demo.json``); :func:`summary_lines` turns it into the summary lines."""
 
     folder = Path(folder if folder is not None else ("i2x-demo-quick" if quick else "i2x-demo"))
     plan = DEMO_PLANS["quick" if quick else "default"]
@@ -214,6 +214,8 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     lap("analysis")
 
     pair_entry = (analysis.get("uncertainty") or [None])[0]
+    diagnosis = _label_diagnosis(store, model, train, device, memory_budget) if pair_entry is not None else None
+    lap("labels")
     targets_summary = None
     results = None
     if pair_entry is not None:
@@ -244,6 +246,8 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         "run": str(store.path), "data": why, "dataset": train.name, "train_samples": len(train),
         "test_samples": len(test), "plan": asdict(plan), "epochs": epochs_needed, "evaluation": base,
         "pair": _pair_summary(pair_entry, base, train.classes),
+        "shortcuts": _shortcut_summary(analysis),
+        "diagnosis": diagnosis,
         "targets": targets_summary and {k: targets_summary.get(k) for k in ("status", "targets", "pair_samples",
                                                                               "share", "message")
                                         if k in targets_summary},
@@ -259,6 +263,36 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         summary["timings"]["report"] = timings["report"]
     store.release()
     return summary
+
+
+def _label_diagnosis(store, model, train, device, memory_budget) -> dict:
+    """``i2x labels`` for the demo's pair (shortcut or class overlap), when cleanlab is installed;
+    reused when the run holds it. Returns the pair's verdict and line, or why there is none."""
+    from i2x.analysis.labels import diagnose_labels
+
+    if store.has("labels"):
+        result = store.read_json("labels")
+    else:
+        try:
+            import cleanlab  # noqa: F401
+        except ImportError:
+            return {"status": "unavailable", "line": "not run: the label diagnosis needs cleanlab "
+                                                     "(pip install 'i2x[labels]')"}
+        _progress.log("i2x demo: labels: shortcut or class overlap (cleanlab on cross-fitted probabilities)")
+        result = diagnose_labels(store.path, model, train, n_pairs=1, device=device, memory_budget=memory_budget)
+        store.refresh()
+    entry = result["pairs"][0]
+    return {"status": "done", "verdict": entry["verdict"], "line": entry["line"], "issue_share": entry["issue_share"]}
+
+
+def _shortcut_summary(analysis: dict) -> list[dict] | None:
+    """The model-wide reading's flagged prototypes, strongest first (None: the analysis has none)."""
+    reading = analysis.get("shortcuts")
+    if reading is None:
+        return None
+    flagged = [{"prototype": p["prototype"], "class": entry["name"], "score": p["score"]}
+               for entry in reading["per_class"] for p in entry["flagged"]]
+    return sorted(flagged, key=lambda p: -p["score"])
 
 
 def _pair_summary(entry, evaluation, classes) -> dict | None:
@@ -317,11 +351,18 @@ def _interval(c: dict) -> str:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """The demo's five-line summary: accuracy, the pair, its uncertain prototypes, the targets, and
-    the best arm against its controls."""
+    """The demo's seven-line summary: accuracy, the model-wide shortcut reading, the pair, its
+    uncertain prototypes, the label diagnosis of the pair, the targets, and the best arm against
+    its controls."""
     ev = summary["evaluation"]
     lines = [f"accuracy      {100 * ev['accuracy']:.1f}% on {ev['n']} test images ({summary['dataset']}, "
              f"{summary['train_samples']} training images, {summary['epochs']} epochs)"]
+    shortcuts = summary.get("shortcuts")
+    if shortcuts is not None:
+        shown = "; ".join(f"prototype {p['prototype']} for {p['class']} (S={p['score']:.2g})" for p in shortcuts[:3])
+        more = f" and {len(shortcuts) - 3} more" if len(shortcuts) > 3 else ""
+        lines.append(f"shortcuts     {shown}{more} (model-wide reading)" if shortcuts else
+                     "shortcuts     none flagged by the model-wide reading")
     pair = summary.get("pair")
     if pair is None:
         lines += ["pair          no confused pair with uncertain prototypes: nothing to curate"]
@@ -330,6 +371,9 @@ def summary_lines(summary: dict) -> list[str]:
     lines.append(f"pair          {a} vs {b}: {pair['test_confusions']} test confusions (the most confused pair)")
     uncertain = ", ".join(f"{p['prototype']} (U={p['score']:.2g})" for p in pair["uncertain"]) or "none flagged"
     lines.append(f"uncertain     prototypes {uncertain}")
+    diagnosis = summary.get("diagnosis")
+    if diagnosis is not None:
+        lines.append(f"diagnosis     {diagnosis['line']}")
     t = summary.get("targets") or {}
     if t.get("status") == "nothing_to_curate":
         lines.append(f"targets       none: {t.get('message')}")
