@@ -127,7 +127,10 @@ def test_the_text_summary_has_seven_lines_and_says_where_things_are(demo):
     beats = bool(against) and all(c["pair_confusions"]["hi"] is not None and c["pair_confusions"]["hi"] < 0
                                   for c in against)
     assert best["beats_controls"] == beats
-    assert lines[6].startswith("best arm" if beats else "no arm won")
+    if best.get("validation_size"):  # decided on held-out training images
+        assert lines[6].startswith("recommended" if best["recommended"] else "no arm won")
+    else:
+        assert lines[6].startswith("best arm" if beats else "no arm won")
     report = Path(demo["summary"]["report"])
     assert report == demo["folder"] / "report" / "index.html" and report.exists()
     assert report.stat().st_size < MAX_REPORT_BYTES

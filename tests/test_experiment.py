@@ -389,3 +389,78 @@ def test_the_cleaned_arm_drops_the_diagnosed_images_and_is_recomputed_by_hand(se
     with pytest.raises(ValueError, match="labels.json: positions up to"):
         i2x.experiment(run_dir, setup["model"], train, test, arms=arms, seeds=1, targets=setup["targets"],
                        name="bad", **SETTINGS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recommendation: decided on held-out validation images, never on the test set
+
+
+def _fake_results(validation: dict[str, list[int]], test: dict[str, list[int]]) -> dict:
+    """Results with the given pair confusions per seed on validation and on test."""
+    arms = {}
+    for arm in validation:
+        seeds = {}
+        for s, (v, t) in enumerate(zip(validation[arm], test[arm], strict=True)):
+            cell = {"accuracy": 0.9, "pair_confusions": t, "a_as_b": t, "b_as_a": 0,
+                    "validation": {"accuracy": 0.9, "pair_confusions": v, "a_as_b": v, "b_as_a": 0}}
+            seeds[str(s)] = cell
+        arms[arm] = {"stages": arm.split("->"), "seeds": seeds}
+    return {"config": {"validation_size": 500}, "arms": arms}
+
+
+def test_the_recommendation_is_the_arm_that_beats_every_control_on_validation():
+    from i2x.loop.experiments import recommendation
+
+    controls = {"full->full": [20, 22, 21], "random->full": [21, 20, 22], "hard->full": [22, 21, 20]}
+    val = {**controls, "curated->full": [10, 11, 12], "transplanted->full": [15, 14, 16],
+           "oracle->full": [1, 1, 2]}
+    # On the test set transplanted looks best: the recommendation must not look there.
+    test = {**controls, "curated->full": [30, 30, 30], "transplanted->full": [5, 5, 5], "oracle->full": [0, 0, 0]}
+    results = _fake_results(val, test)
+    summarize(results)
+    rec = results["recommendation"]
+    assert rec["arm"] == "curated->full"  # both qualify; the oracle never does; the lowest validation wins
+    assert rec == recommendation(results)
+    comps = results["summary"]["curated->full"]["validation"]["comparisons"]
+    assert set(comps) == {"full->full", "random->full", "hard->full"}
+    assert comps["full->full"] == paired_interval([10 - 20, 11 - 22, 12 - 21])
+
+
+def test_no_recommendation_when_nothing_beats_the_controls_or_nothing_was_held_out():
+    from i2x.loop.experiments import recommendation
+
+    controls = {"full->full": [20, 22, 21], "random->full": [21, 20, 22]}
+    val = {**controls, "curated->full": [19, 23, 20]}  # not below every control
+    results = _fake_results(val, val)
+    summarize(results)
+    assert results["recommendation"]["arm"] is None and "keep the model" in results["recommendation"]["reason"]
+    no_val = _fake_results(val, val)
+    for entry in no_val["arms"].values():
+        for cell in entry["seeds"].values():
+            del cell["validation"]
+    summarize(no_val)
+    assert recommendation(no_val)["arm"] is None and "no validation images" in recommendation(no_val)["reason"]
+
+
+def test_an_experiment_with_validation_evaluates_every_cell_there(setup, tmp_path):
+    train, test = setup["train"], setup["test"]
+    validation = image_dataset(90, 3, seed=2, signal=0.3, split="validation")
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, train)
+    res = i2x.experiment(run_dir, setup["model"], train, test, arms=["full", "full->full", "curated->full"], seeds=2,
+                         targets=setup["targets"], validation=validation, **SETTINGS)
+    assert res["config"]["validation_size"] == 90 and "validation" in res["start"]
+    for entry in res["arms"].values():
+        for cell in entry["seeds"].values():
+            assert sum(map(sum, cell["validation"]["confusion"])) == 90
+    # the cell's validation numbers: the same weights evaluated on the validation images
+    n, seed = len(train), 1
+    model = copy.deepcopy(setup["model"])
+    i2x.finetune(model, train, epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], precision="fp32",
+                 seed=seed, order=lambda e: epoch_permutation(n, seed, e))
+    ev = i2x.evaluate(model, validation, calibration_images(train), num_classes=3)
+    assert ev["confusion"] == res["arms"]["full"]["seeds"]["1"]["validation"]["confusion"]
+    assert res["recommendation"] == i2x.loop.experiments.recommendation(res)
+    text = (run_dir / "experiment" / "results.md").read_text()
+    assert ("**Recommended:" in text) or ("**No arm recommended:**" in text)
+    assert "decided on 90 held-out training images" in text

@@ -31,7 +31,7 @@ from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import layer_output_shape
 from i2x._internal.weights import load_state_into
 from i2x.analysis import analyze
-from i2x.data import load_dataset, training_subset
+from i2x.data import load_dataset, stratified_subset, training_subset
 from i2x.loop import ALL_ARMS, NothingToCurate, experiment, find_targets
 from i2x.loop.experiments import check_arms
 from i2x.loop.training import TRAIN_LR, calibration_images, evaluate
@@ -188,6 +188,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     _progress.log(f"i2x demo: data: {why}")
     train, record = training_subset(full_train, plan.train_size, seed=0)
     test, _ = training_subset(full_test, plan.test_size, seed=0)
+    validation = held_out(full_train, plan.train_size, VALIDATION_SIZE)
     epochs_needed = max(plan.epochs, math.ceil(plan.min_steps / _steps_per_epoch(len(train), plan.batch_size)))
     lap("data")
 
@@ -237,7 +238,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
         lap("targets")
         store.refresh()
         _progress.log(f"i2x demo: experiment: {len(plan.arms)} arms x {plan.seeds} seed(s), one epoch per stage")
-        results = experiment(store.path, model, train, test, arms=plan.arms, seeds=plan.seeds,
+        results = experiment(store.path, model, train, test, arms=plan.arms, seeds=plan.seeds, validation=validation,
                              batch_size=plan.batch_size, precision=precision, device=device, progress=True,
                              log=lambda line: _progress.log(f"  {line}"), memory_budget=memory_budget)
         lap("experiment")
@@ -306,23 +307,47 @@ def _pair_summary(entry, evaluation, classes) -> dict | None:
             "decisive": [{"prototype": f["prototype"], "score": f["score"]} for f in entry.get("decisive", [])]}
 
 
+# Held-out training images the experiment decides its recommendation on (never the test set).
+VALIDATION_SIZE = 2_000
+
 _CONTROLS = ("full->full", "full", "random->full", "random", "hard->full", "hard", "pairup->full", "pairup")
 
 
+def held_out(full_train, train_size: int | None, size: int):
+    """Up to ``size`` training images the demo does not train on (stratified, seeded), for the
+    experiment to decide its recommendation on; None when the training subset took every image."""
+    labels = full_train.labels
+    if train_size is None or train_size >= labels.numel():
+        return None
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[stratified_subset(labels, train_size, seed=0)] = False  # the rows training_subset took
+    rest = keep.nonzero().flatten()
+    if rest.numel() < full_train.num_classes:
+        return None
+    chosen = rest[stratified_subset(labels[rest], min(size, rest.numel()), seed=1)]
+    return full_train.subset(chosen)
+
+
 def _best_arm(results: dict | None) -> dict | None:
-    """The explanation arm with the fewest pair confusions, with its comparisons to the controls."""
+    """The arm the experiment recommends (decided on held-out images), else the explanation arm
+    with the fewest test pair confusions; with its test comparisons to the controls. Oracle arms
+    (they need the true mark) are never the one."""
     if not results:
         return None
     summary = results.get("summary") or {}
-    candidates = {arm: s for arm, s in summary.items() if arm not in _CONTROLS and arm != "clean"}
+    candidates = {arm: s for arm, s in summary.items()
+                  if arm not in _CONTROLS and arm != "clean" and "oracle" not in arm.split("->")}
     if not candidates:
         return None
-    arm = min(candidates, key=lambda k: candidates[k]["pair_confusions_mean"])
+    rec = results.get("recommendation") or {}
+    arm = rec.get("arm") or min(candidates, key=lambda k: candidates[k]["pair_confusions_mean"])
     entry = candidates[arm]
     against = {ref: {"pair_confusions": c["pair_confusions"], "accuracy_points": c["accuracy_points"]}
                for ref, c in entry.get("comparisons", {}).items()}
     return {"arm": arm, "pair_confusions_mean": entry["pair_confusions_mean"], "accuracy_mean": entry["accuracy_mean"],
-            "seeds": entry["seeds"], "against": against, "beats_controls": _beats(against)}
+            "seeds": entry["seeds"], "against": against, "beats_controls": _beats(against),
+            "recommended": bool(rec.get("arm")), "recommendation": rec.get("reason"),
+            "validation_size": results.get("config", {}).get("validation_size")}
 
 
 def _beats(against: dict) -> bool:
@@ -388,8 +413,15 @@ def summary_lines(summary: dict) -> list[str]:
     n = len(best["seeds"])
     stats = "one seed: no interval" if n == 1 else f"{n} seeds, 95% t-intervals"
     what = f"{best['arm']}: {best['pair_confusions_mean']:.1f} test pair confusions ({refs}; {stats})"
-    # An arm is called best only where the paired intervals say it beat every control.
-    if best.get("beats_controls"):
+    # An arm is recommended only where the held-out images say it beat every control; the test
+    # numbers are then what it did on data no choice looked at.
+    held = best.get("validation_size")
+    if best.get("recommended"):
+        lines.append(f"recommended   {what} (chosen on {held} held-out training images)")
+    elif held:
+        lines.append(f"no arm won    none beat the controls on {held} held-out training images: keep the model; "
+                     f"the lowest on test was {what}")
+    elif best.get("beats_controls"):  # results from before the held-out images
         lines.append(f"best arm      {what}")
     else:
         lines.append(f"no arm won    none beat the controls; the lowest was {what}")

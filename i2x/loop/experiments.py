@@ -54,7 +54,7 @@ from i2x.loop.training import (
 from i2x.store import RunStore, atomic_write_bytes, atomic_write_json, open_run, read_record
 
 __all__ = ["arm_stages", "check_arms", "STRATEGIES", "ALL_ARMS", "DEFAULT_ARMS", "QUICK_ARMS", "experiment",
-           "paired_interval", "summarize", "load_results"]
+           "paired_interval", "summarize", "load_results", "recommendation"]
 
 STRATEGIES = ("full", "curated", "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
               "oracle", "cleaned")
@@ -204,10 +204,59 @@ def summarize(results: dict) -> dict:
                     gaps.append((done["full->full"][s][key] - done[arm][s][key]) / gap)
             if gaps:
                 entry["gap_recovered"] = paired_interval(gaps)
+        if any("validation" in c for c in done[arm].values()):
+            entry["validation"] = _validation_entry(done, arm, refs, key)
     if "full->full" in summary:
         summary["full->full"]["baseline_choice"] = best_baseline(True)
     results["summary"] = summary
+    results["recommendation"] = recommendation(results)
     return summary
+
+
+def _validation_entry(done: dict, arm: str, refs: list, key: str) -> dict:
+    """The arm's measure on the held-out validation images, and its paired differences from the
+    controls there (``clean`` is a reference, not a control: left out)."""
+    mine = {s: c["validation"] for s, c in done[arm].items() if "validation" in c}
+    entry: dict = {f"{key}_mean": statistics.fmean(c[key] for c in mine.values()), "comparisons": {}}
+    for ref in refs:
+        if ref is None or ref in (arm, "clean") or ref not in done:
+            continue
+        seeds = sorted(s for s in mine if s in done[ref] and "validation" in done[ref][s])
+        if seeds:
+            entry["comparisons"][ref] = paired_interval([mine[s][key] - done[ref][s]["validation"][key]
+                                                         for s in seeds])
+    return entry
+
+
+_CONTROL_STAGES = {"full", "random", "pairup", "hard"}
+
+
+def recommendation(results: dict) -> dict:
+    """The arm the loop recommends, decided on the held-out validation images only (never the
+    test set): among the arms that are neither controls nor oracles (nor ``clean``), those whose
+    paired difference from every control on validation lies below zero (95% interval), the one
+    with the lowest validation measure. ``{"arm": None, "reason": ...}`` when no arm qualifies
+    (keep the model) or the experiment held no validation images out."""
+    summary = results.get("summary") or {}
+    key = measure_of(results)
+    measure = "pair confusions" if key == "pair_confusions" else "errors"
+    if not any("validation" in e for e in summary.values()):
+        return {"arm": None, "reason": "no validation images were held out (experiment(validation=...)): "
+                                       "no arm is recommended"}
+    qualified = []
+    for arm, entry in summary.items():
+        stages = set(arm_stages(arm)) if arm != "clean" else set()
+        if arm == "clean" or "oracle" in stages or stages <= _CONTROL_STAGES:
+            continue  # a reference, an oracle (needs the true mark) or a control
+        comparisons = (entry.get("validation") or {}).get("comparisons") or {}
+        if comparisons and all(c["hi"] is not None and c["hi"] < 0 for c in comparisons.values()):
+            qualified.append(arm)
+    if not qualified:
+        return {"arm": None, "reason": f"no arm had fewer validation {measure} than every control (95% intervals): "
+                                       "keep the model"}
+    best = min(qualified, key=lambda a: summary[a]["validation"][f"{key}_mean"])
+    return {"arm": best, "reason": f"fewer validation {measure} than every control (95% intervals below 0)",
+            "validation": summary[best]["validation"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +320,12 @@ def results_markdown(results: dict) -> str:
         elif results["arms"][arm].get("skipped"):
             lines.append(f"| {arm} | skipped: {results['arms'][arm]['skipped']} | | |"
                          + (" | |" if key == "pair_confusions" else " |"))
+    rec = results.get("recommendation")
+    if rec is not None and "validation_size" in cfg:
+        lines += ["", (f"**Recommended: {rec['arm']}** ({rec['reason']}; decided on {cfg['validation_size']} "
+                       "held-out training images, never the test set)." if rec["arm"] else
+                       f"**No arm recommended:** {rec['reason']} (decided on {cfg['validation_size']} held-out "
+                       "training images, never the test set).")]
     done = [arm for arm in results["arms"] if arm in s]
     one_seed = bool(done) and all(len(s[arm]["seeds"]) == 1 for arm in done)
     # The gap column only where a clean reference gives one; no column left empty.
@@ -393,8 +448,8 @@ def _label_issue_positions(store: RunStore, pair, train) -> tuple[torch.Tensor |
     return None, f"the label diagnosis does not cover {tuple(pair)} (run `i2x labels RUN --n-pairs N`)"
 
 
-def _check_pair_dataset(targets: Targets | None, train, test, m: int) -> None:
-    for name, ds in (("train_dataset", train), ("test_dataset", test)):
+def _check_pair_dataset(targets: Targets | None, train, test, m: int, names=("train_dataset", "test_dataset")) -> None:
+    for name, ds in zip(names, (train, test), strict=True):
         if len(ds) == 0:
             raise ValueError(f"{name} is empty")
         labels = labels_of(ds)
@@ -430,6 +485,7 @@ def experiment(
     log=None,
     memory_budget: float | None = None,
     scope: str = "pair",
+    validation=None,
 ) -> dict:
     """Run (or resume) the arms x seeds of fine-tuning and write ``RUN/<name>/results.json`` + ``.md``.
 
@@ -449,6 +505,9 @@ def experiment(
         scope: ``"pair"`` (default): pair-scope targets, arms compared on the pair's test
             confusions; ``"model"``: model-scope targets (``find_targets(scope="model")``), arms
             compared on the test errors over every class (and the worst class's accuracy).
+        validation: images held out from training (never the test set). Every cell is also
+            evaluated on them, and the arm the loop recommends (``results["recommendation"]``,
+            :func:`recommendation`) is decided there alone.
 
     Arms that need targets are skipped, with the reason in the results, when the run has none to
     curate (no flagged prototype). Returns the results dict (also on disk).
@@ -485,6 +544,8 @@ def experiment(
                          f"scope={targets.scope!r}, or find {scope}-scope targets first (i2x curate --scope {scope})")
     m = store.num_classes
     _check_pair_dataset(targets, train_dataset, test_dataset, m)
+    if validation is not None:
+        _check_pair_dataset(None, validation, test_dataset, m, names=("validation", "test_dataset"))
     pair = list(targets.pair) if targets is not None and targets.pair is not None else None
     if scope == "model":
         skip_reason = skip_reason or "nothing to curate"
@@ -513,6 +574,8 @@ def experiment(
         config["cleaned"] = None if cleaned is None else tensor_digest(cleaned)
     if scope == "model":  # a pair's results keep the settings they always had (they resume as they are)
         config["scope"] = "model"
+    if validation is not None:
+        config["validation_size"] = len(validation)
     calibration = calibration_images(train_dataset)
     device = rank_device(device, world)
 
@@ -537,6 +600,10 @@ def experiment(
             if results.get("start") is None:
                 results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device,
                                                           num_classes=m, memory_budget=memory_budget), pair)
+                if validation is not None:
+                    results["start"]["validation"] = _cell_metrics(evaluate(
+                        model, validation, calibration, device=device, num_classes=m, memory_budget=memory_budget),
+                        pair)
             _write(folder, results)
         except Exception as e:  # re-raised below, on every rank
             error = e
@@ -578,6 +645,9 @@ def experiment(
                     continue
                 cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m,
                                               memory_budget=memory_budget), pair)
+                if validation is not None:
+                    cell["validation"] = _cell_metrics(evaluate(work, validation, calibration, device=device,
+                                                                num_classes=m, memory_budget=memory_budget), pair)
                 cell["seconds"] = time.perf_counter() - began
                 cell["fit"] = fit_stats
                 entry["seeds"][str(seed)] = cell
