@@ -127,8 +127,13 @@ def tune_rrr(out: Path, args, d: dict, decoyed) -> dict:
     trials = []
     for weight in args.rrr_weights:
         model = copy.deepcopy(decoyed)
-        stats = finetune(model, d["ft_train"], penalty=RRRPenalty(d["ft_train"].masks, weight=weight),
-                         epochs=args.ft_epochs, seed=0, batch_size=args.batch_size, lr=args.lr)
+        try:
+            stats = finetune(model, d["ft_train"], penalty=RRRPenalty(d["ft_train"].masks, weight=weight),
+                             epochs=args.ft_epochs, seed=0, batch_size=args.batch_size, lr=args.lr)
+        except FloatingPointError as e:  # too large a weight for this learning rate: the loss diverged
+            trials.append({"weight": weight, "validation_accuracy": 0.0, "diverged": str(e)})
+            print(f"rrr tuning: weight {weight:g}: diverged ({e})", flush=True)
+            continue
         acc = evaluate(model, d["validation"], calibration, num_classes=10)["accuracy"]
         trials.append({"weight": weight, "validation_accuracy": acc, "mean_loss": stats.mean_loss,
                        "mean_penalty": stats.mean_penalty})
