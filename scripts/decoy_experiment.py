@@ -94,7 +94,7 @@ def oracle_validation(val, seed: int = 0):
     pixels = torch.where(square, decoy_grey(drawn).view(-1, 1, 1, 1).expand_as(pixels), pixels)
     mean = torch.tensor(val.mean).view(1, -1, 1, 1)
     std = torch.tensor(val.std).view(1, -1, 1, 1)
-    return ImageDataset((pixels - mean) / std, val.labels, list(val.classes), val.name, "validation", val.mean,
+    return ImageDataset((pixels - mean) / std, val.labels, list(val.classes), val.name, "train", val.mean,
                         val.std, masks=val.masks, decoy_labels=drawn, decoy_seed=val.decoy_seed)
 
 
