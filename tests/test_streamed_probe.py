@@ -132,11 +132,12 @@ def test_items_that_are_not_tensors_or_differ_in_shape(model, tmp_path):
 
 @pytest.mark.parametrize("source", ["tensor", "streamed"])
 def test_the_heap_is_trimmed_after_each_large_batch_only(source, monkeypatch):
-    """Large batches (224 px) hand the freed heap back after use; small ones (28 px) do not."""
+    """Large batches (224 px) ask the trimmer after use (it trims once the resident size grew:
+    test below); small ones (28 px) do not ask."""
     import i2x.track.streamed as streamed
 
     calls = []
-    monkeypatch.setattr(streamed, "release_freed_heap", lambda: calls.append(1))
+    monkeypatch.setattr(streamed, "GrowthTrimmer", lambda: (lambda: calls.append(1)))
     monkeypatch.setattr(streamed, "TRIM_BATCH_BYTES", 3 * 16 * 16 * 4 * 4)  # a batch of 4 images at 16 px
     images = torch.randn(10, 3, 16, 16)
     view = images if source == "tensor" else StreamedImages(TensorDataset(images, torch.zeros(10)), range(10))
@@ -158,3 +159,26 @@ def test_release_freed_heap_runs_here():
     import platform
     if platform.libc_ver()[0] == "glibc":
         assert glibc_malloc_trim() is not None
+
+
+def test_the_heap_is_trimmed_only_once_the_resident_size_has_grown():
+    """GrowthTrimmer by hand: the floor is the first reading; a trim happens only above floor +
+    margin, and the reading after it is the new floor; an unreadable size trims every time."""
+    from i2x._internal.heap import GrowthTrimmer
+
+    readings = iter([100, 150, 169, 171, 120, 130, 191, 192, 100])
+    trims = []
+    trimmer = GrowthTrimmer(margin=70, read=lambda: next(readings), trim=lambda: trims.append(1))
+    trimmer()  # 100: the floor
+    trimmer()  # 150: within the margin
+    trimmer()  # 169
+    assert trims == [] and trimmer.floor == 100
+    trimmer()  # 171 > 170: trim, then read 120 as the new floor
+    assert trims == [1] and trimmer.floor == 120
+    trimmer()  # 130
+    trimmer()  # 191 > 190: trim; the floor is 192 (fragmentation the trim could not return)
+    assert len(trims) == 2 and trimmer.floor == 192
+    blind = GrowthTrimmer(read=lambda: None, trim=lambda: trims.append(1))
+    blind()
+    blind()
+    assert len(trims) == 4 and blind.trims == 2

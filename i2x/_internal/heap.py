@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["release_freed_heap"]
+__all__ = ["release_freed_heap", "resident_bytes", "GrowthTrimmer"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,3 +36,43 @@ def release_freed_heap() -> None:
     trim = glibc_malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def resident_bytes() -> int | None:
+    """The process's resident size (``/proc/self/statm``), or None where there is no such file."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class GrowthTrimmer:
+    """Calls :func:`release_freed_heap` only once the resident size has grown ``margin`` bytes
+    above what it was after the last trim (or at the first call).
+
+    Why: a trim walks the heap and returns its free pages, and the next batch faults them back
+    in, a cost paid at every batch when trimming after each (about 2% of a resnet50 record at
+    batch 10). Fragmentation builds up over many batches, so trimming when it has built up keeps
+    the resident size within ``margin`` of the floor at a fraction of the calls. Where the
+    resident size cannot be read, every call trims."""
+
+    def __init__(self, margin: int = 16 * 2**20, read=resident_bytes, trim=release_freed_heap) -> None:
+        self.margin, self._read, self._trim = int(margin), read, trim
+        self.floor: int | None = None
+        self.trims = 0
+
+    def __call__(self) -> None:
+        now = self._read()
+        if now is None:
+            self._trim()
+            self.trims += 1
+            return
+        if self.floor is None:
+            self.floor = now
+        elif now > self.floor + self.margin:
+            self._trim()
+            self.trims += 1
+            self.floor = self._read() or now

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from i2x._internal.checks import describe
-from i2x._internal.heap import release_freed_heap
+from i2x._internal.heap import GrowthTrimmer
 from i2x.data import ImageDataset, batch_of
 
 __all__ = ["StreamedImages", "iter_batches", "holds_tensors", "images_at", "batches_at"]
@@ -128,13 +128,15 @@ class StreamedImages:
 
 
 def _releasing(batches: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
-    """The batches, trimming the C heap after each large one has been used (see TRIM_BATCH_BYTES)."""
+    """The batches, trimming the C heap after a large one has been used once the resident size
+    has grown (see TRIM_BATCH_BYTES and GrowthTrimmer)."""
+    trim = GrowthTrimmer()
     for start, batch in batches:
         large = batch.numel() * batch.element_size() >= TRIM_BATCH_BYTES
         yield start, batch
         del batch
         if large:
-            release_freed_heap()
+            trim()
 
 
 def _streamed_batches(images: StreamedImages, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
