@@ -444,7 +444,7 @@ def test_no_recommendation_when_nothing_beats_the_controls_or_nothing_was_held_o
 
 def test_an_experiment_with_validation_evaluates_every_cell_there(setup, tmp_path):
     train, test = setup["train"], setup["test"]
-    validation = image_dataset(90, 3, seed=2, signal=0.3, split="validation")
+    validation = image_dataset(90, 3, seed=2, signal=0.3)  # held out of training: another draw
     run_dir = tmp_path / "run"
     _new_run(run_dir, train)
     res = i2x.experiment(run_dir, setup["model"], train, test, arms=["full", "full->full", "curated->full"], seeds=2,

@@ -75,9 +75,13 @@ def test_the_dataset_is_read_a_batch_at_a_time_and_once_per_pass(digits, model, 
     tracker = i2x.Tracker(model, "layer3", probe, tmp_path / "run", schedule=[1], recalibrate_bn=32, batch_size=50)
     before = data.reads
     tracker.step(1)
-    # One record: the 32 calibration images, then the 120 probe images, each read once.
-    assert data.reads - before == 32 + 120
-    assert RunStore.open(tmp_path / "run").finished_steps() == [1]
+    # One record: one image to size the recalibration's batch (once per tracker), the 32
+    # calibration images, then the 120 probe images, each read once.
+    assert data.reads - before == 1 + 32 + 120
+    again = data.reads
+    tracker.record(2)
+    assert data.reads - again == 32 + 120  # the batch size is not measured again
+    assert RunStore.open(tmp_path / "run").finished_steps() == [1, 2]
 
 
 def test_a_subset_of_a_dataset_and_workers(digits, model, tmp_path):
