@@ -115,6 +115,15 @@ def _data(args) -> dict:
             "clean_test": load_dataset("fashion-mnist", train=False)}
 
 
+def _optimiser(args) -> dict:
+    """The fine-tuning optimiser every arm shares: finetune's SGD (momentum 0.9, weight decay
+    5e-4) at ``--lr``, or Adam at ``--lr`` (the optimiser of the RRR paper)."""
+    if args.optimizer == "adam":
+        lr = 1e-3 if args.lr is None else args.lr
+        return {"optimizer": lambda params: torch.optim.Adam(params, lr=lr)}
+    return {"lr": args.lr}
+
+
 def tune_rrr(out: Path, args, d: dict, decoyed) -> dict:
     """RRR's weight (lambda), chosen once from ``--rrr-weights`` by the accuracy on the oracle
     validation split after one fine-tuning run (seed 0) with the true masks; both RRR arms use it.
@@ -129,7 +138,7 @@ def tune_rrr(out: Path, args, d: dict, decoyed) -> dict:
         model = copy.deepcopy(decoyed)
         try:
             stats = finetune(model, d["ft_train"], penalty=RRRPenalty(d["ft_train"].masks, weight=weight),
-                             epochs=args.ft_epochs, seed=0, batch_size=args.batch_size, lr=args.lr)
+                             epochs=args.ft_epochs, seed=0, batch_size=args.batch_size, **_optimiser(args))
         except FloatingPointError as e:  # too large a weight for this learning rate: the loss diverged
             trials.append({"weight": weight, "validation_accuracy": 0.0, "diverged": str(e)})
             print(f"rrr tuning: weight {weight:g}: diverged ({e})", flush=True)
@@ -198,7 +207,7 @@ def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
     train, targets = ctx["ft_train"], ctx["targets"]
     if targets is None and arm in NEEDS_TARGETS:
         return {"arm": arm, "seed": seed, "skipped": f"no targets: {ctx['no_targets']}"}
-    recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size, "lr": args.lr}
+    recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size, **_optimiser(args)}
     start = ctx["clean"] if arm == "clean" else ctx["decoyed"]
     model = copy.deepcopy(start)
     began = time.perf_counter()
@@ -289,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs of every arm")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default finetune's, 0.005)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="the fine-tuning optimiser of every arm (adam: default lr 1e-3, the RRR paper's)")
     p.add_argument("--probe-size", type=int, default=2000)
     p.add_argument("--n-prototypes", type=int, default=32)
     p.add_argument("--rrr-weights", type=lambda t: [float(v) for v in t.split(",")], default=[10.0, 100.0, 1000.0],
@@ -347,7 +358,7 @@ def main(argv=None) -> int:
     results = {"config": config, "cells": cells, "table": table, "wall_s": round(time.perf_counter() - began, 1)}
     _write_json(args.out / "results.json", results)
     text = markdown(table, {k: config[k] for k in ("seeds", "train_size", "ft_size", "epochs", "ft_epochs", "lr",
-                                                   "val_size")} | {"rrr_weight": ctx["rrr_weight"]})
+                                                   "optimizer", "val_size")} | {"rrr_weight": ctx["rrr_weight"]})
     (args.out / "results.md").write_text(text)
     if args.publish:
         _write_json(args.publish.with_suffix(".json"), results)
