@@ -210,6 +210,15 @@ def fashion(baseline: str | None, rounds: int) -> None:
               f"| {label} | {batches[label]} | {med:.2f} | - |")
 
 
+def _header(*middle: str) -> None:
+    """The results table's header: probe, model, batch, ``middle``, then the times and memory."""
+    columns = ["probe images", "model", "batch", *middle, "plain inference s", "i2x record s",
+               f"ratio (goal <= {RECORD_GOAL})", f"record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB})",
+               "plain pass's peak RSS growth MiB"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", type=int, nargs="+", default=[20_000])
@@ -231,10 +240,7 @@ def main(argv=None) -> int:
     works, how = cpu_memory_check()
     print(f"Peak memory: {how}.\n")
     if args.isolated:
-        print("| probe images | model | batch | BatchNorm recalibration batch | workers | plain inference s | "
-              f"i2x record s | ratio (goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) "
-              "| plain pass's peak RSS growth MiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        _header("BatchNorm recalibration batch", "workers")
         for model in args.model:
             for n in args.probe:
                 r = isolated(n, model, args.workers)
@@ -242,10 +248,7 @@ def main(argv=None) -> int:
                       f"{r['plain_s']:.1f} | {r['record_s']:.1f} | {r['ratio']:.3f} | {r['growth_mib']:.0f} | "
                       f"{r['plain_growth_mib']:.0f} |", flush=True)
         return 0
-    print("| probe images | model | batch | workers | labels read s | plain inference s | i2x record s | ratio "
-          f"(goal <= {RECORD_GOAL}) | record's peak RSS growth MiB (goal < {MEMORY_GOAL_MIB}) | plain pass's peak RSS "
-          "growth MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    _header("workers", "labels read s")
     for model in args.model:
         for n in args.probe:
             r = case(n, model, args.batch, args.workers, args.chunk)

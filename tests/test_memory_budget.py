@@ -134,7 +134,8 @@ def test_the_batch_grows_with_the_budget_and_shrinks_with_the_image():
     fixed = max(single - (double - single), 0)
     for budget, got in ((64, small), (256, large)):
         assert got == math.floor(((budget - SCRATCH_FLOOR_MIB) * MIB - weights - fixed) / per_image), budget
-    assert 1 < small < large < MAX_AUTO_BATCH
+    # the two budgets give different, unclipped batches (else the fit above would not be tested)
+    assert small > 1 and large > small and large < MAX_AUTO_BATCH, (small, large)
     assert bigger_images < large
     # Four times the pixels: about a quarter of the images (the reserve is the same).
     assert large / bigger_images == pytest.approx(4, rel=0.35)
@@ -171,7 +172,8 @@ def test_the_recalibration_batch_follows_the_budget_and_its_statistics_match_a_r
     tracker = i2x.Tracker(model, layer, (images, labels), tmp_path / "run", schedule=[1], memory_budget=24,
                           recalibrate_bn=60)
     expected = min(CALIBRATION_BATCH, forward_batch_size(model, images, 24))
-    assert 1 < tracker.calibration_batch == expected < 60  # several batches: the weighting matters
+    assert tracker.calibration_batch == expected
+    assert 1 < expected < 60, expected  # several batches of the 60 images: the weighting below matters
     assert i2x.Tracker(model, layer, (images, labels), tmp_path / "none", schedule=[1],
                        recalibrate_bn=0).calibration_batch is None
 
@@ -184,8 +186,8 @@ def test_the_recalibration_batch_follows_the_budget_and_its_statistics_match_a_r
     calibration_seen = seen[-len(range(0, 60, expected)):]  # the sizing's own forwards came first
     assert [x.shape[0] for x in calibration_seen] == [len(r) for r in torch.arange(60).split(expected)]
     weights = torch.tensor([x.shape[0] / 60 for x in calibration_seen])
-    mean = sum(w * x.mean((0, 2, 3)) for w, x in zip(weights, calibration_seen))
-    var = sum(w * x.var((0, 2, 3), unbiased=True) for w, x in zip(weights, calibration_seen))
+    mean = sum(w * x.mean((0, 2, 3)) for w, x in zip(weights, calibration_seen, strict=True))
+    var = sum(w * x.var((0, 2, 3), unbiased=True) for w, x in zip(weights, calibration_seen, strict=True))
     torch.testing.assert_close(got_mean, mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_var, var, rtol=1e-4, atol=1e-5)
 
