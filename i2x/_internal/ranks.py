@@ -8,6 +8,7 @@ piece of the work, and the processes meet only to agree that everyone got throug
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -37,8 +38,17 @@ def process_group(timeout: timedelta | None = None) -> tuple[int, int]:
             dist.init_process_group("gloo")
         else:
             dist.init_process_group("gloo", timeout=timeout)
+        # A gloo group still alive when the interpreter finalises aborts the process ("terminate
+        # called without an active exception") about one exit in three; the group we opened is
+        # closed while Python is still whole.
+        atexit.register(_close_group)
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share(items: Sequence[T], rank: int, world: int) -> list[T]:
