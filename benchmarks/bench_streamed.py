@@ -145,25 +145,34 @@ with tempfile.TemporaryDirectory() as run:
 """
 
 
-def isolated(n: int, model_name: str, workers: int) -> dict:
-    """The record alone and the plain pass alone, each in a fresh process of its own (the record
-    first), so neither one's heap counts against the other: ``Tracker.step`` with default settings
-    (batch sizing, BatchNorm recalibration on 512 probe images, the record, the checkpoint's write)
-    against ``model(x)`` + softmax under ``no_grad`` at the batch the Tracker chose."""
+def isolated(n: int, model_name: str, workers: int, rounds: int = 1) -> dict:
+    """The record alone and the plain pass alone, each in a fresh process of its own, so neither
+    one's heap counts against the other: ``Tracker.step`` with default settings (batch sizing,
+    BatchNorm recalibration on 512 probe images, the record, the checkpoint's write) against
+    ``model(x)`` + softmax under ``no_grad`` at the batch the Tracker chose.
+
+    ``rounds`` > 1 alternates the order, record-plain then plain-record (ABBA), so a drift of the
+    machine's speed over the minutes each process takes weighs on both alike; the ratio is the
+    sum of the records' times over the sum of the plain passes', and each pair's ratio is kept."""
     import json
     import subprocess
 
-    out = {}
-    for mode in ("record", "plain"):
-        code = _ISOLATED.format(bench=str(Path(__file__).resolve().parent), model=model_name, n=n,
-                                workers=workers, mode=mode)
-        text = subprocess.run([sys.executable, "-P", "-c", code], check=True, capture_output=True, text=True).stdout
-        out[mode] = json.loads(text.strip().splitlines()[-1])
-    return {"probe": n, "model": model_name, "batch": out["record"]["batch"],
-            "calibration_batch": out["record"]["calibration_batch"], "workers": workers,
-            "plain_s": out["plain"]["s"], "record_s": out["record"]["s"],
-            "ratio": out["record"]["s"] / out["plain"]["s"], "growth_mib": out["record"]["growth_mib"],
-            "plain_growth_mib": out["plain"]["growth_mib"]}
+    runs: dict[str, list[dict]] = {"record": [], "plain": []}
+    for r in range(rounds):
+        for mode in (("record", "plain") if r % 2 == 0 else ("plain", "record")):
+            code = _ISOLATED.format(bench=str(Path(__file__).resolve().parent), model=model_name, n=n,
+                                    workers=workers, mode=mode)
+            text = subprocess.run([sys.executable, "-P", "-c", code], check=True, capture_output=True,
+                                  text=True).stdout
+            runs[mode].append(json.loads(text.strip().splitlines()[-1]))
+    record_s = sum(x["s"] for x in runs["record"])
+    plain_s = sum(x["s"] for x in runs["plain"])
+    return {"probe": n, "model": model_name, "batch": runs["record"][0]["batch"],
+            "calibration_batch": runs["record"][0]["calibration_batch"], "workers": workers, "rounds": rounds,
+            "plain_s": plain_s / rounds, "record_s": record_s / rounds, "ratio": record_s / plain_s,
+            "pair_ratios": [a["s"] / b["s"] for a, b in zip(runs["record"], runs["plain"], strict=True)],
+            "growth_mib": max(x["growth_mib"] for x in runs["record"]),
+            "plain_growth_mib": max(x["growth_mib"] for x in runs["plain"])}
 
 
 _FASHION_RECORD = """
@@ -227,7 +236,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--fashion", action="store_true", help="the 28 px Fashion-MNIST case instead")
     parser.add_argument("--baseline", default=None, help="with --fashion: an older i2x installed into this folder")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="--fashion: alternating rounds (default 3); --isolated: record/plain pairs in ABBA "
+                             "order (default 1)")
     parser.add_argument("--chunk", type=int, default=2000, help="images per turn of the plain pass and the record")
     parser.add_argument("--isolated", action="store_true",
                         help="the record alone and the plain pass alone, each in a process of its own")
@@ -235,18 +246,19 @@ def main(argv=None) -> int:
     print(f"Machine: {machine_line('cpu')}.\n")
     print(f"Command: `python -P benchmarks/bench_streamed.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     if args.fashion:
-        fashion(args.baseline, args.rounds)
+        fashion(args.baseline, args.rounds or 3)
         return 0
     works, how = cpu_memory_check()
     print(f"Peak memory: {how}.\n")
     if args.isolated:
-        _header("BatchNorm recalibration batch", "workers")
+        _header("BatchNorm recalibration batch", "workers", "rounds (each pair's ratio)")
         for model in args.model:
             for n in args.probe:
-                r = isolated(n, model, args.workers)
+                r = isolated(n, model, args.workers, args.rounds or 1)
+                pairs = ", ".join(f"{x:.3f}" for x in r["pair_ratios"])
                 print(f"| {r['probe']} | {r['model']} | {r['batch']} | {r['calibration_batch']} | {r['workers']} | "
-                      f"{r['plain_s']:.1f} | {r['record_s']:.1f} | {r['ratio']:.3f} | {r['growth_mib']:.0f} | "
-                      f"{r['plain_growth_mib']:.0f} |", flush=True)
+                      f"{r['rounds']} ({pairs}) | {r['plain_s']:.1f} | {r['record_s']:.1f} | {r['ratio']:.3f} | "
+                      f"{r['growth_mib']:.0f} | {r['plain_growth_mib']:.0f} |", flush=True)
         return 0
     _header("workers", "labels read s")
     for model in args.model:
