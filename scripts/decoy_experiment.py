@@ -4,6 +4,7 @@
                                               [--ft-epochs 1] [--arms vanilla,clean,...]
                                               [--publish docs/results/decoy-fashion-mnist]
     torchrun --standalone --nproc-per-node 2 scripts/decoy_experiment.py OUT ...   (the cells in 2 processes)
+    python -P scripts/decoy_experiment.py OUT --coverage   (after a run: which prototype holds each class's square)
 
 ``--val-size`` training images (default 5,000, stratified) are held out from every model. One
 decoyed model (small-resnet, ``--epochs`` of i2x's recipe on the rest of decoy-fashion-mnist,
@@ -35,6 +36,10 @@ sets, and the wrong-reason share (GradCAM relevance inside the decoy mask, avera
 ``--wrong-reason-images`` decoyed test images). ``OUT/results.json`` and ``results.md`` hold the
 table: means, paired differences against ``vanilla`` with 95% t-intervals over seeds, the share of
 the vanilla-to-clean gap each arm recovers on the decoyed test set, and the wall time.
+
+``--coverage`` (after a run, trains nothing) reads the decoyed run's prototype assignment of its
+probe images and, with the masks, says per class which prototype holds most of its squares and
+how pure that prototype is: an upper bound on what any cut of the prototype reading can flag.
 """
 
 from __future__ import annotations
@@ -286,6 +291,38 @@ def markdown(table: dict, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prototype_coverage(out: Path, args) -> list[dict]:
+    """Per class: the prototype on most of its probe images' squares, the share of the class's
+    squares it holds, and the share of its cells (over all probe images and positions) that are
+    this class's squares. Uses the masks: an analysis after the fact, never an input of an arm."""
+    store = RunStore.open(out / "decoyed")
+    (indices, labels), assignment = store.probe(), store.read_tensors("prototypes", ["assignment"])["assignment"]
+    train = _data(args)["train"]
+    masks = train.masks[indices].float()
+    masks = masks.reshape(masks.shape[0], 1, *masks.shape[-2:])  # [N, 1, H, W]
+    h, w = assignment.shape[1:]
+    # The share of each grid cell the square covers; the square lies in one cell when the image's
+    # side is a multiple of the grid's (28 px, 7x7: 4 px cells, the square's own size).
+    cover = torch.nn.functional.adaptive_avg_pool2d(masks, (h, w)).squeeze(1)
+    square_cell = cover > 0.5
+    if not square_cell.flatten(1).sum(1).eq(1).all():
+        raise ValueError(f"the {h}x{w} grid does not put each square in one cell; coverage needs it")
+    on_square = assignment[square_cell]  # the prototype on each image's square cell, [N]
+    k = int(assignment.max()) + 1
+    rows = []
+    for c, name in enumerate(store.classes):
+        mine = on_square[labels == c]
+        if not mine.numel():
+            continue
+        top = int(torch.bincount(mine, minlength=k).argmax())
+        cells = assignment == top
+        own = cells & square_cell & (labels == c).view(-1, 1, 1)
+        rows.append({"class": c, "name": name, "prototype": top,
+                     "share_of_squares": float((mine == top).float().mean()),
+                     "purity": float(own.sum() / cells.sum())})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -308,7 +345,15 @@ def main(argv=None) -> int:
                    help="training images held out from every model, for tuning RRR (default 5000)")
     p.add_argument("--wrong-reason-images", type=int, default=1000)
     p.add_argument("--publish", type=Path, default=None, help="also write PATH.json and PATH.md")
+    p.add_argument("--coverage", action="store_true",
+                   help="after a run: per class, the prototype holding its squares (uses the masks; trains nothing)")
     args = p.parse_args(argv)
+    if args.coverage:
+        print("| class | prototype on most of its squares | share of the class's squares | share of that "
+              "prototype's cells that are this class's squares |\n|---|---|---|---|")
+        for r in prototype_coverage(args.out, args):
+            print(f"| {r['name']} | {r['prototype']} | {100 * r['share_of_squares']:.1f}% | {100 * r['purity']:.0f}% |")
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad:

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,16 @@ def test_labels_equals_the_api_and_the_experiment_warns_on_overlap(loop, tmp_pat
                  "--name", "warned", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "i2x experiment: warning: A vs B: overlapping (i2x labels," in err, (pair, err)
+    # The warning is the experiment's own: the Python API raises it too, and not for another verdict.
+    from i2x.analysis.labels import LabelOverlapWarning
+
+    digits = i2x.load_dataset("digits"), i2x.load_dataset("digits", train=False)
+    with pytest.warns(LabelOverlapWarning, match=r"A vs B: overlapping \(i2x labels, "):
+        i2x.experiment(run, _final_model(run), *digits, arms=["full"], seeds=1, precision="fp32", name="warned")
+    _edit_json(run / "labels.json", lambda d: d["pairs"][0].update(verdict="shortcut"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LabelOverlapWarning)
+        i2x.experiment(run, _final_model(run), *digits, arms=["full"], seeds=1, precision="fp32", name="warned")
 
 
 def test_labels_refuses_bad_folds_and_a_run_without_analysis(loop, tmp_path, capsys):

@@ -32,7 +32,7 @@ from i2x.data import labels_of, stratified_subset
 from i2x.track.prototypes import layer_features
 
 __all__ = ["diagnose_labels", "cross_fitted_probabilities", "label_issues", "verdict", "pooled_features",
-           "ISSUE_SHARE_OVERLAP", "EXEMPLARS", "LABELS_SCHEMA"]
+           "overlap_line", "LabelOverlapWarning", "ISSUE_SHARE_OVERLAP", "EXEMPLARS", "LABELS_SCHEMA"]
 
 #: A pair whose likely label issues (suggested label: the other class) exceed this share of its
 #: images, with no shortcut evidence, is called overlapping.
@@ -150,6 +150,23 @@ def check_model(model) -> None:
 
 
 LABELS_SCHEMA = "i2x-labels"
+
+
+class LabelOverlapWarning(UserWarning):
+    """An experiment is about to run on a pair the label diagnosis called overlapping: the loop is
+    not expected to help there (i2x labels, :func:`diagnose_labels`)."""
+
+
+def overlap_line(store, pair) -> str | None:
+    """The diagnosis' line for ``pair`` when the run's ``labels.json`` calls it overlapping (with
+    where it was read), else None (no diagnosis, another verdict, another pair)."""
+    path = store.path / "labels.json"
+    if pair is None or not path.exists():
+        return None
+    for entry in store.read_json("labels").get("pairs", []):
+        if sorted(entry.get("pair", [])) == sorted(pair) and entry.get("verdict") == "overlap":
+            return f"{entry['line']} (i2x labels, {path})"
+    return None
 
 
 def diagnose_labels(run, model: nn.Module, dataset, *, n_pairs: int = 3, n_images: int | None = 10_000,

@@ -4,9 +4,11 @@ confused pairs) and ``i2x experiment`` (arms x seeds of fine-tuning, resumable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import warnings
 
 from i2x.cli.common import (
     COMMON,
@@ -227,25 +229,17 @@ def _labels(args) -> int:
     return 0
 
 
-def _experiment_pair(store):
-    """The pair an experiment will compare on: its targets' pair, else the analysis' first."""
-    targets, analysis = store.path / "targets.json", store.path / "analysis.json"
-    if targets.exists() and json.loads(targets.read_text()).get("pair"):
-        return json.loads(targets.read_text())["pair"]
-    if analysis.exists():
-        entries = json.loads(analysis.read_text()).get("uncertainty") or []
-        return entries[0]["pair"] if entries else None
-    return None
+@contextlib.contextmanager
+def _warnings_as_lines(verb: str):
+    """Warnings the work raises (e.g. an overlapping pair: i2x.analysis.labels.LabelOverlapWarning)
+    printed at once as the command's own lines, not as Python's ``file:line: Category``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"i2x {verb}: warning: {message}", file=sys.stderr, flush=True)
 
-
-def _overlap_warning(store, pair) -> None:
-    """Before a long experiment: say so when the label diagnosis found the pair overlapping."""
-    path = store.path / "labels.json"
-    if pair is None or not path.exists():
-        return
-    for entry in json.loads(path.read_text()).get("pairs", []):
-        if sorted(entry.get("pair", [])) == sorted(pair) and entry.get("verdict") == "overlap":
-            print(f"i2x experiment: warning: {entry['line']} (i2x labels, {path})", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def _experiment(args) -> int:
@@ -258,17 +252,16 @@ def _experiment(args) -> int:
     test = run_data(store, args, train=False)
     check_grid(model, store, train, args.device)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: process 0 alone prints the table
-    if args.scope == "pair" and rank == 0:
-        _overlap_warning(store, _experiment_pair(store))
     quiet = args.quiet or args.json
     where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     log = None if quiet else (lambda line: print(f"  {where}{line}", flush=True))
     try:
-        results = experiment(store, model, train, test, arms=arms, seeds=args.seeds,
-                             epochs_per_stage=args.epochs_per_stage, lr=args.lr, batch_size=args.batch_size,
-                             perturb_mode=args.perturb_mode, penalty_weight=args.penalty_weight,
-                             precision=args.precision, device=args.device, name=args.name, log=log,
-                             memory_budget=args.memory_budget, scope=args.scope)
+        with _warnings_as_lines("experiment"):
+            results = experiment(store, model, train, test, arms=arms, seeds=args.seeds,
+                                 epochs_per_stage=args.epochs_per_stage, lr=args.lr,
+                                 batch_size=args.batch_size, perturb_mode=args.perturb_mode,
+                                 penalty_weight=args.penalty_weight, precision=args.precision, device=args.device,
+                                 name=args.name, log=log, memory_budget=args.memory_budget, scope=args.scope)
     except KeyboardInterrupt:
         print(f"i2x experiment: interrupted; the finished cells are in {store.path / args.name / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)

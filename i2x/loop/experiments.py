@@ -28,6 +28,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from i2x._internal.hashing import state_digest, tensor_digest
 from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import unwrap_model
 from i2x._internal.ranks import agree, process_group, rank_device, share
+from i2x.analysis.labels import LabelOverlapWarning, overlap_line
 from i2x.data import labels_of
 from i2x.explain.explainer import Explainer
 from i2x.loop.penalty import ExplanationPenalty
@@ -556,6 +558,11 @@ def experiment(
                              "`i2x curate RUN --data NAME` (i2x.analyze, i2x.find_targets)")
         pair = list(entry[0]["pair"])
         skip_reason = skip_reason or f"nothing to curate for {tuple(pair)}"
+
+    if rank == 0 and scope == "pair":  # before the long work: a pair of overlapping classes is not a shortcut
+        overlap = overlap_line(store, pair)
+        if overlap is not None:
+            warnings.warn(overlap, LabelOverlapWarning, stacklevel=2)
 
     start = _state(model)
     folder = store.path / name
