@@ -297,6 +297,23 @@ def test_transplanted_pastes_the_donor_region_into_a_rival_non_target(ds, target
     assert torch.equal(x, torch.stack([moved[i][0] for i in range(len(ds))]))
 
 
+def test_counterfactual_is_the_recipients_alone_each_with_a_rival_cue(ds, targets):
+    moved = targets.transplanted(ds, seed=0)
+    cf = targets.counterfactual(ds, seed=0)
+    recipients = moved.recipients.sort().values
+    assert len(cf) == recipients.numel() == len(targets)
+    donor_of = dict(zip(moved.recipients.tolist(), moved.donors.tolist(), strict=True))
+    mask_of = dict(zip(moved.recipients.tolist(), moved.masks, strict=True))
+    x, y = batch_of(cf, torch.arange(len(cf)))
+    for k, r in enumerate(recipients.tolist()):
+        d, mask = donor_of[r], mask_of[r]
+        assert int(y[k]) == int(ds.labels[r]) != int(ds.labels[d])  # its own label; the cue is the rival's
+        assert torch.equal(x[k][:, mask], ds.images[d][:, mask])
+        assert torch.equal(x[k][:, ~mask], ds.images[r][:, ~mask])
+        image, label = cf[k]
+        assert torch.equal(image, x[k]) and int(label) == int(y[k])
+
+
 def test_transplanted_caps_the_donors_at_the_recipients(ds):
     # 14 samples of class 0, 13 of class 1: with 2 and 12 targets, the 2 class-0 targets share
     # 13 - 12 = 1 class-1 recipient, and the 12 class-1 targets find 14 - 2 = 12 class-0 recipients.

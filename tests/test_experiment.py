@@ -442,6 +442,62 @@ def test_no_recommendation_when_nothing_beats_the_controls_or_nothing_was_held_o
     assert recommendation(no_val)["arm"] is None and "no validation images" in recommendation(no_val)["reason"]
 
 
+def test_with_counterfactual_copies_the_recommendation_weighs_both_held_out_measures():
+    from i2x.loop.experiments import recommendation
+
+    controls = {"full->full": [20, 22, 21], "random->full": [21, 20, 22]}
+    # On the plain validation images neither arm beats the controls: each relied less on the cue,
+    # which was predictive there. On the cue's counterfactual copies both do.
+    val = {**controls, "transplanted->full": [23, 24, 23], "curated->full": [34, 35, 36]}
+    moved = {**controls, "transplanted->full": [5, 6, 4], "curated->full": [8, 9, 7]}
+    results = _fake_results(val, val)
+    for arm, entry in results["arms"].items():
+        for s, cell in entry["seeds"].items():
+            v = moved[arm][int(s)]
+            cell["counterfactual"] = {"accuracy": 0.5, "pair_confusions": v, "a_as_b": v, "b_as_a": 0}
+    results["config"].update(counterfactual_size=40, epochs_per_stage=1, lr=0.01, batch_size=32, precision="fp32",
+                             test_size=100, seeds=[0, 1, 2])
+    results["pair"] = [0, 1]
+    summarize(results)
+    rec = results["recommendation"]
+    # Summed per seed: transplanted [28, 30, 27] against full->full [40, 44, 42] and random->full
+    # [42, 40, 44]: below both; curated's counterfactual gain is bought with more plain errors
+    # ([42, 44, 43]): not below.
+    assert rec["arm"] == "transplanted->full" and rec["decided_on"] == "decision", rec
+    entry = results["summary"]["transplanted->full"]["decision"]
+    assert entry["comparisons"]["full->full"] == paired_interval([28 - 40, 30 - 44, 27 - 42])
+    assert results["summary"]["curated->full"]["decision"]["comparisons"]["full->full"]["hi"] > 0
+    assert "held-out (validation + counterfactual)" in rec["reason"] and rec == recommendation(results)
+    assert "and 40 counterfactual copies of them" in results_markdown(results)
+    # without the copies the same validation numbers recommend nothing
+    for entry in results["arms"].values():
+        for cell in entry["seeds"].values():
+            del cell["counterfactual"]
+    summarize(results)
+    assert results["recommendation"]["arm"] is None
+
+
+def test_an_experiment_evaluates_every_cell_on_the_counterfactual_copies(setup, tmp_path):
+    train, test = setup["train"], setup["test"]
+    validation = image_dataset(90, 3, seed=2, signal=0.3)
+    held = hand_targets(validation, pair=(0, 2), seed=1, n_targets=(6, 6))
+    cf = held.counterfactual(validation, seed=0)
+    run_dir = tmp_path / "run"
+    _new_run(run_dir, train)
+    with pytest.raises(ValueError, match="counterfactual: give the held-out images it was made from as validation="):
+        i2x.experiment(run_dir, setup["model"], train, test, arms=["full"], seeds=1, targets=setup["targets"],
+                       counterfactual=cf, **SETTINGS)
+    res = i2x.experiment(run_dir, setup["model"], train, test, arms=["full", "full->full", "curated->full"], seeds=2,
+                         targets=setup["targets"], validation=validation, counterfactual=cf, **SETTINGS)
+    assert res["config"]["counterfactual_size"] == len(cf) == 12
+    start = i2x.evaluate(setup["model"], cf, calibration_images(train), num_classes=3)
+    assert res["start"]["counterfactual"]["confusion"] == start["confusion"]
+    for entry in res["arms"].values():
+        for cell in entry["seeds"].values():
+            assert sum(map(sum, cell["counterfactual"]["confusion"])) == 12
+    assert res["recommendation"]["decided_on"] == "decision"
+
+
 def test_an_experiment_with_validation_evaluates_every_cell_there(setup, tmp_path):
     train, test = setup["train"], setup["test"]
     validation = image_dataset(90, 3, seed=2, signal=0.3)  # held out of training: another draw

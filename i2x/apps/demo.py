@@ -235,12 +235,16 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
                 targets_summary = load_targets(store.path).summary()
             except NothingToCurate as e:
                 targets_summary = {"status": "nothing_to_curate", "message": str(e)}
+        counterfactual = None
+        if validation is not None and targets_summary.get("status") != "nothing_to_curate":
+            counterfactual = counterfactual_split(store, model, validation, train, device, memory_budget)
         lap("targets")
         store.refresh()
         _progress.log(f"i2x demo: experiment: {len(plan.arms)} arms x {plan.seeds} seed(s), one epoch per stage")
         results = experiment(store.path, model, train, test, arms=plan.arms, seeds=plan.seeds, validation=validation,
-                             batch_size=plan.batch_size, precision=precision, device=device, progress=True,
-                             log=lambda line: _progress.log(f"  {line}"), memory_budget=memory_budget)
+                             counterfactual=counterfactual, batch_size=plan.batch_size, precision=precision,
+                             device=device, progress=True, log=lambda line: _progress.log(f"  {line}"),
+                             memory_budget=memory_budget)
         lap("experiment")
 
     summary = {
@@ -313,6 +317,18 @@ VALIDATION_SIZE = 2_000
 _CONTROLS = ("full->full", "full", "random->full", "random", "hard->full", "hard", "pairup->full", "pairup")
 
 
+def counterfactual_split(store, model, validation, train, device=None, memory_budget=None):
+    """The held-out images' counterfactual copies: targets found on them by the run's own rule
+    (not saved: the run's targets stay the training set's), each flagged cue pasted into a held-out
+    image of the other class (:meth:`Targets.counterfactual`). None when nothing is flagged there."""
+    try:
+        held = find_targets(store.path, model, validation, device=device, save=False, probe_dataset=train,
+                            memory_budget=memory_budget)
+        return held.counterfactual(validation, seed=0)
+    except NothingToCurate:
+        return None
+
+
 def held_out(full_train, train_size: int | None, size: int):
     """Up to ``size`` training images the demo does not train on (stratified, seeded), for the
     experiment to decide its recommendation on; None when the training subset took every image."""
@@ -347,7 +363,8 @@ def _best_arm(results: dict | None) -> dict | None:
     return {"arm": arm, "pair_confusions_mean": entry["pair_confusions_mean"], "accuracy_mean": entry["accuracy_mean"],
             "seeds": entry["seeds"], "against": against, "beats_controls": _beats(against),
             "recommended": bool(rec.get("arm")), "recommendation": rec.get("reason"),
-            "validation_size": results.get("config", {}).get("validation_size")}
+            "validation_size": results.get("config", {}).get("validation_size"),
+            "counterfactual_size": results.get("config", {}).get("counterfactual_size")}
 
 
 def _beats(against: dict) -> bool:
@@ -416,10 +433,11 @@ def summary_lines(summary: dict) -> list[str]:
     # An arm is recommended only where the held-out images say it beat every control; the test
     # numbers are then what it did on data no choice looked at.
     held = best.get("validation_size")
+    moved = f" + {best['counterfactual_size']} counterfactual copies" if best.get("counterfactual_size") else ""
     if best.get("recommended"):
-        lines.append(f"recommended   {what} (chosen on {held} held-out training images)")
+        lines.append(f"recommended   {what} (chosen on {held} held-out training images{moved})")
     elif held:
-        lines.append(f"no arm won    none beat the controls on {held} held-out training images: keep the model; "
+        lines.append(f"no arm won    none beat the controls on {held} held-out training images{moved}: keep the model; "
                      f"the lowest on test was {what}")
     elif best.get("beats_controls"):  # results from before the held-out images
         lines.append(f"best arm      {what}")

@@ -207,7 +207,10 @@ def summarize(results: dict) -> dict:
             if gaps:
                 entry["gap_recovered"] = paired_interval(gaps)
         if any("validation" in c for c in done[arm].values()):
-            entry["validation"] = _validation_entry(done, arm, refs, key)
+            entry["validation"] = _held_out_entry(done, arm, refs, key, ("validation",))
+        if any("counterfactual" in c for c in done[arm].values()):
+            entry["counterfactual"] = _held_out_entry(done, arm, refs, key, ("counterfactual",))
+            entry["decision"] = _held_out_entry(done, arm, refs, key, DECISION_SPLITS)
     if "full->full" in summary:
         summary["full->full"]["baseline_choice"] = best_baseline(True)
     results["summary"] = summary
@@ -215,18 +218,30 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def _validation_entry(done: dict, arm: str, refs: list, key: str) -> dict:
-    """The arm's measure on the held-out validation images, and its paired differences from the
-    controls there (``clean`` is a reference, not a control: left out)."""
-    mine = {s: c["validation"] for s, c in done[arm].items() if "validation" in c}
-    entry: dict = {f"{key}_mean": statistics.fmean(c[key] for c in mine.values()), "comparisons": {}}
+#: With a counterfactual split the recommendation is decided on the sum of both held-out measures:
+#: the counterfactual images alone would reward an arm that stopped reading a genuine feature
+#: (its moved copies then look like the recipient's class), the plain images alone punish an arm
+#: that stopped reading a shortcut (it was predictive there, as in training); the sum weighs both.
+DECISION_SPLITS = ("validation", "counterfactual")
+
+
+def _held_out_entry(done: dict, arm: str, refs: list, key: str, splits: tuple[str, ...]) -> dict | None:
+    """The arm's measure on held-out images (summed over ``splits`` of each cell), and its paired
+    differences from the controls there (``clean`` is a reference, not a control: left out)."""
+    def measure(cell: dict):
+        return sum(cell[split][key] for split in splits) if all(split in cell for split in splits) else None
+
+    mine = {s: m for s, c in done[arm].items() if (m := measure(c)) is not None}
+    if not mine:
+        return None
+    entry: dict = {f"{key}_mean": statistics.fmean(mine.values()), "comparisons": {}}
     for ref in refs:
         if ref is None or ref in (arm, "clean") or ref not in done:
             continue
-        seeds = sorted(s for s in mine if s in done[ref] and "validation" in done[ref][s])
+        theirs = {s: measure(done[ref][s]) for s in mine if s in done[ref]}
+        seeds = sorted(s for s, m in theirs.items() if m is not None)
         if seeds:
-            entry["comparisons"][ref] = paired_interval([mine[s][key] - done[ref][s]["validation"][key]
-                                                         for s in seeds])
+            entry["comparisons"][ref] = paired_interval([mine[s] - theirs[s] for s in seeds])
     return entry
 
 
@@ -234,15 +249,19 @@ _CONTROL_STAGES = {"full", "random", "pairup", "hard"}
 
 
 def recommendation(results: dict) -> dict:
-    """The arm the loop recommends, decided on the held-out validation images only (never the
-    test set): among the arms that are neither controls nor oracles (nor ``clean``), those whose
-    paired difference from every control on validation lies below zero (95% interval), the one
-    with the lowest validation measure. ``{"arm": None, "reason": ...}`` when no arm qualifies
-    (keep the model) or the experiment held no validation images out."""
+    """The arm the loop recommends, decided on held-out images only (never the test set): among
+    the arms that are neither controls nor oracles (nor ``clean``), those whose paired difference
+    from every control there lies below zero (95% interval), the one with the lowest measure.
+    "There" is the validation images, plus their counterfactual copies (the flagged cue moved to
+    another class, :meth:`Targets.counterfactual`) when the experiment was given them: the two
+    measures summed (:data:`DECISION_SPLITS`). ``{"arm": None, "reason": ...}`` when no arm
+    qualifies (keep the model) or the experiment held no images out."""
     summary = results.get("summary") or {}
     key = measure_of(results)
     measure = "pair confusions" if key == "pair_confusions" else "errors"
-    if not any("validation" in e for e in summary.values()):
+    split = "decision" if any(e.get("decision") for e in summary.values()) else "validation"
+    where = "held-out (validation + counterfactual)" if split == "decision" else "validation"
+    if not any(e.get("validation") for e in summary.values()):
         return {"arm": None, "reason": "no validation images were held out (experiment(validation=...)): "
                                        "no arm is recommended"}
     qualified = []
@@ -250,15 +269,16 @@ def recommendation(results: dict) -> dict:
         stages = set(arm_stages(arm)) if arm != "clean" else set()
         if arm == "clean" or "oracle" in stages or stages <= _CONTROL_STAGES:
             continue  # a reference, an oracle (needs the true mark) or a control
-        comparisons = (entry.get("validation") or {}).get("comparisons") or {}
+        comparisons = (entry.get(split) or {}).get("comparisons") or {}
         if comparisons and all(c["hi"] is not None and c["hi"] < 0 for c in comparisons.values()):
             qualified.append(arm)
     if not qualified:
-        return {"arm": None, "reason": f"no arm had fewer validation {measure} than every control (95% intervals): "
-                                       "keep the model"}
-    best = min(qualified, key=lambda a: summary[a]["validation"][f"{key}_mean"])
-    return {"arm": best, "reason": f"fewer validation {measure} than every control (95% intervals below 0)",
-            "validation": summary[best]["validation"]}
+        return {"arm": None, "reason": f"no arm had fewer {where} {measure} than every control (95% intervals): "
+                                       "keep the model", "decided_on": split}
+    best = min(qualified, key=lambda a: summary[a][split][f"{key}_mean"])
+    return {"arm": best, "reason": f"fewer {where} {measure} than every control (95% intervals below 0)",
+            "decided_on": split, "validation": summary[best]["validation"],
+            **({"counterfactual": summary[best]["counterfactual"]} if split == "decision" else {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,10 +344,12 @@ def results_markdown(results: dict) -> str:
                          + (" | |" if key == "pair_confusions" else " |"))
     rec = results.get("recommendation")
     if rec is not None and "validation_size" in cfg:
-        lines += ["", (f"**Recommended: {rec['arm']}** ({rec['reason']}; decided on {cfg['validation_size']} "
-                       "held-out training images, never the test set)." if rec["arm"] else
-                       f"**No arm recommended:** {rec['reason']} (decided on {cfg['validation_size']} held-out "
-                       "training images, never the test set).")]
+        held = f"{cfg['validation_size']} held-out training images" + (
+            f" and {cfg['counterfactual_size']} counterfactual copies of them (the flagged cue moved to another class)"
+            if cfg.get("counterfactual_size") else "")
+        lines += ["", (f"**Recommended: {rec['arm']}** ({rec['reason']}; decided on {held}, never the test set)."
+                       if rec["arm"] else
+                       f"**No arm recommended:** {rec['reason']} (decided on {held}, never the test set).")]
     done = [arm for arm in results["arms"] if arm in s]
     one_seed = bool(done) and all(len(s[arm]["seeds"]) == 1 for arm in done)
     # The gap column only where a clean reference gives one; no column left empty.
@@ -488,6 +510,7 @@ def experiment(
     memory_budget: float | None = None,
     scope: str = "pair",
     validation=None,
+    counterfactual=None,
 ) -> dict:
     """Run (or resume) the arms x seeds of fine-tuning and write ``RUN/<name>/results.json`` + ``.md``.
 
@@ -510,6 +533,10 @@ def experiment(
         validation: images held out from training (never the test set). Every cell is also
             evaluated on them, and the arm the loop recommends (``results["recommendation"]``,
             :func:`recommendation`) is decided there alone.
+        counterfactual: copies of held-out images with the flagged cue moved to another class
+            (:meth:`Targets.counterfactual` of targets found on ``validation``); needs
+            ``validation``. Every cell is evaluated on them too, and the recommendation is then
+            decided on both held-out measures summed.
 
     Arms that need targets are skipped, with the reason in the results, when the run has none to
     curate (no flagged prototype). Returns the results dict (also on disk).
@@ -548,6 +575,13 @@ def experiment(
     _check_pair_dataset(targets, train_dataset, test_dataset, m)
     if validation is not None:
         _check_pair_dataset(None, validation, test_dataset, m, names=("validation", "test_dataset"))
+    if counterfactual is not None:
+        if validation is None:
+            raise ValueError("counterfactual: give the held-out images it was made from as validation= too "
+                             "(the recommendation weighs both)")
+        if not len(counterfactual):
+            raise ValueError("counterfactual: no images (Targets.counterfactual found no recipient)")
+        _check_pair_dataset(None, counterfactual, test_dataset, m, names=("counterfactual", "test_dataset"))
     pair = list(targets.pair) if targets is not None and targets.pair is not None else None
     if scope == "model":
         skip_reason = skip_reason or "nothing to curate"
@@ -583,6 +617,9 @@ def experiment(
         config["scope"] = "model"
     if validation is not None:
         config["validation_size"] = len(validation)
+    if counterfactual is not None:
+        config["counterfactual_size"] = len(counterfactual)
+    held_out = {"validation": validation, "counterfactual": counterfactual}
     calibration = calibration_images(train_dataset)
     device = rank_device(device, world)
 
@@ -607,10 +644,11 @@ def experiment(
             if results.get("start") is None:
                 results["start"] = _cell_metrics(evaluate(model, test_dataset, calibration, device=device,
                                                           num_classes=m, memory_budget=memory_budget), pair)
-                if validation is not None:
-                    results["start"]["validation"] = _cell_metrics(evaluate(
-                        model, validation, calibration, device=device, num_classes=m, memory_budget=memory_budget),
-                        pair)
+                for split, images in held_out.items():
+                    if images is not None:
+                        results["start"][split] = _cell_metrics(evaluate(
+                            model, images, calibration, device=device, num_classes=m, memory_budget=memory_budget),
+                            pair)
             _write(folder, results)
         except Exception as e:  # re-raised below, on every rank
             error = e
@@ -652,9 +690,10 @@ def experiment(
                     continue
                 cell = _cell_metrics(evaluate(work, test_dataset, calibration, device=device, num_classes=m,
                                               memory_budget=memory_budget), pair)
-                if validation is not None:
-                    cell["validation"] = _cell_metrics(evaluate(work, validation, calibration, device=device,
-                                                                num_classes=m, memory_budget=memory_budget), pair)
+                for split, images in held_out.items():
+                    if images is not None:
+                        cell[split] = _cell_metrics(evaluate(work, images, calibration, device=device, num_classes=m,
+                                                             memory_budget=memory_budget), pair)
                 cell["seconds"] = time.perf_counter() - began
                 cell["fit"] = fit_stats
                 entry["seeds"][str(seed)] = cell

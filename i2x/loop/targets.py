@@ -211,6 +211,15 @@ class Targets:
             raise NothingToCurate(f"transplant for {where}: no targets, or no non-target samples to paste into")
         return TransplantedDataset(dataset, self.indices[d_rows], self.indices[r_rows], self.masks_for(d_rows, dilate))
 
+    def counterfactual(self, dataset, seed: int = 0) -> BatchedSubset:
+        """The recipients of :meth:`transplanted`, alone: images of ``dataset`` that each carry a
+        flagged region of another class's target, pasted at its place, under their own label. A
+        model that still reads the cue answers the donor's class on them; one that does not keeps
+        its answer. Built on held-out images (targets found on them), it is the counterfactual
+        validation split :func:`i2x.experiment` decides its recommendation on."""
+        moved = self.transplanted(dataset, seed=seed)
+        return BatchedSubset(moved, moved.recipients.sort().values)
+
     def sampler(self, dataset, extra: int | None = None, seed: int = 0) -> OversampleSampler:
         """``reweight``: every sample once per epoch, the targets ``extra`` more times in all
         (default: each target once more), inserted at random places."""
