@@ -319,3 +319,31 @@ def test_rrr_with_the_masks_lowers_the_gradcam_wrong_reason_share(decoy_run):
     start, plain, repaired = share(copy.deepcopy(model)), share(vanilla), share(rrr)
     assert start > 5 * area and plain > 5 * area, (area, start, plain)  # the decoyed model looks at the squares
     assert repaired < 0.25 * plain, (start, plain, repaired)
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) the label diagnosis on a planted shortcut: it must say "shortcut", not "overlap"
+
+
+def test_the_label_diagnosis_calls_the_planted_decoys_a_shortcut(decoy_run, tmp_path):
+    pytest.importorskip("cleanlab")
+    import shutil
+
+    from i2x.analysis.labels import diagnose_labels
+
+    run = tmp_path / "run"
+    shutil.copytree(decoy_run["run"], run)
+    i2x.analyze(run, n_pairs=6)  # every pair of the 4 classes, so each gets a verdict
+    result = diagnose_labels(run, decoy_run["model"], decoy_run["data"], n_pairs=6, n_images=None, folds=3)
+    flagged = set(decoy_run["analysis"].shortcuts["classes_flagged"])
+    verdicts = {tuple(sorted(e["pair"])): e["verdict"] for e in result["pairs"]}
+    assert len(verdicts) == 6, verdicts
+    for pair, kind in verdicts.items():
+        # Truth: the decoys were drawn into classes 0 and 2 alone; the planted shapes themselves
+        # are unambiguous (no label was flipped), so no pair is overlap.
+        assert kind != "overlap", (pair, kind)
+        if set(pair) & flagged:
+            assert kind == "shortcut", (pair, kind, flagged)
+        if not set(pair) & set(DECOYED):
+            assert kind != "shortcut", (pair, kind)
+    assert any(kind == "shortcut" for kind in verdicts.values())
