@@ -23,6 +23,8 @@ with the same optimiser, learning rate, batch and data order per seed:
     random       control: as many random samples of each class dropped as i2x's targets hold
     hard         control: the lowest-margin samples drawn once more
     transplanted i2x: each target's flagged region pasted into an image of another class
+    transplanted_tuned  the same, with the shortcut reading's cut and the targets' cap chosen from
+                 ``--i2x-rules`` on the held-out images, as RRR's weight is (same budget)
 
 i2x's arms never see the masks and run with the library's defaults (the analysis' shortcut cut,
 the model-scope target rule). RRR's weight is chosen once from ``--rrr-weights`` on the held-out
@@ -66,8 +68,13 @@ from i2x.loop.training import calibration_images, evaluate, finetune
 from i2x.store import RunStore
 from i2x.track import final_model
 
-ARMS = ("vanilla", "clean", "rrr_masks", "rrr_i2x", "jtt", "dfr_i2x", "random", "hard", "transplanted")
-I2X_ARMS = ("rrr_i2x", "dfr_i2x", "transplanted")
+ARMS = ("vanilla", "clean", "rrr_masks", "rrr_i2x", "jtt", "dfr_i2x", "random", "hard", "transplanted",
+        "transplanted_tuned")
+I2X_ARMS = ("rrr_i2x", "dfr_i2x", "transplanted", "transplanted_tuned")
+#: The i2x rules ``transplanted_tuned`` chooses from on the held-out images, as RRR's weight is
+#: chosen (the same budget: four settings, one fine-tuning run each): the shortcut reading's cut
+#: ("otsu", or a fraction of the top score) and the targets' per-class cap (max_fraction).
+I2X_RULES = ("otsu:0.5", "otsu:1.0", "0.25:0.5", "0.25:1.0")
 
 
 def _write_json(path: Path, data) -> None:
@@ -158,6 +165,61 @@ def tune_rrr(out: Path, args, d: dict, decoyed) -> dict:
     return result
 
 
+def _rule(text: str) -> tuple[str | float, float]:
+    cut, cap = text.split(":")
+    return (cut if cut == "otsu" else float(cut)), float(cap)
+
+
+def rule_targets(out: Path, rule: str, decoyed, d: dict):
+    """The model-scope targets of the decoyed run under ``rule`` ("CUT:CAP"), found in a copy of
+    the run (``OUT/rules/RULE``) so the run's own analysis and targets stay the defaults'."""
+    import shutil
+
+    folder = out / "rules" / rule.replace(":", "_")
+    done = folder.with_suffix(".done")  # beside the run: the run folder holds only its own files
+    if not done.exists():
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(out / "decoyed", folder, ignore=shutil.ignore_patterns(".i2x-lock"))
+        cut, cap = _rule(rule)
+        i2x.analyze(folder, shortcut_threshold=cut)  # replaces the copy's analysis and targets below
+        try:
+            find_targets(folder, decoyed, d["ft_train"], scope="model", probe_dataset=d["train"], max_fraction=cap)
+        except NothingToCurate as e:
+            print(f"rule {rule}: {e}", flush=True)
+        done.write_text(rule)
+    return load_targets(folder)
+
+
+def tune_i2x(out: Path, args, d: dict, decoyed) -> dict:
+    """The rule of ``transplanted_tuned``, chosen once from ``--i2x-rules`` by the accuracy on the
+    oracle validation split after one transplant fine-tuning (seed 0): the same budget RRR's weight
+    gets. Only the validation images' test-rule greys are used, never their masks."""
+    path = out / "i2x_tuning.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    calibration = calibration_images(d["ft_train"])
+    trials = []
+    for rule in args.i2x_rules:
+        try:
+            targets = rule_targets(out, rule, decoyed, d)
+        except NothingToCurate as e:
+            trials.append({"rule": rule, "validation_accuracy": 0.0, "nothing_flagged": str(e)})
+            continue
+        model = copy.deepcopy(decoyed)
+        finetune(model, targets.transplanted(d["ft_train"], seed=0), epochs=args.ft_epochs, seed=0,
+                 batch_size=args.batch_size, **_optimiser(args))
+        acc = evaluate(model, d["validation"], calibration, num_classes=10)["accuracy"]
+        trials.append({"rule": rule, "validation_accuracy": acc, "targets": int(targets.selected.sum()),
+                       "prototypes": sorted({int(p["prototype"]) for p in targets.summary()["prototypes"]})})
+        print(f"i2x tuning: rule {rule}: {trials[-1]['targets']} targets, validation accuracy {100 * acc:.1f}%",
+              flush=True)
+    best = max(trials, key=lambda t: t["validation_accuracy"])
+    result = {"chosen": best["rule"], "trials": trials, "validation_size": len(d["validation"])}
+    _write_json(path, result)
+    return result
+
+
 def train_models(out: Path, args) -> None:
     """Rank 0, before the processes meet: the decoyed and the clean model (trained once, resumable),
     the decoyed run's analysis, its model-scope targets over the fine-tuning set, RRR's weight."""
@@ -179,6 +241,8 @@ def train_models(out: Path, args) -> None:
     except NothingToCurate:
         pass
     tune_rrr(out, args, d, decoyed)
+    if "transplanted_tuned" in args.arm_list:
+        tune_i2x(out, args, d, decoyed)
 
 
 def prepare(out: Path, args) -> dict:
@@ -191,6 +255,13 @@ def prepare(out: Path, args) -> dict:
     except NothingToCurate as e:  # the analysis flagged nothing: the arms that need targets are skipped
         ctx["targets"], ctx["no_targets"] = None, str(e)
     ctx["rrr_weight"] = json.loads((out / "rrr_tuning.json").read_text())["chosen"]
+    ctx["tuned_targets"] = None
+    if "transplanted_tuned" in args.arm_list:
+        rule = json.loads((out / "i2x_tuning.json").read_text())["chosen"]
+        try:
+            ctx["tuned_targets"] = rule_targets(out, rule, ctx["decoyed"], ctx)
+        except NothingToCurate as e:  # the arm is then skipped, with the reason
+            ctx["no_tuned_targets"] = str(e)
     return ctx
 
 
@@ -212,6 +283,8 @@ def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
     train, targets = ctx["ft_train"], ctx["targets"]
     if targets is None and arm in NEEDS_TARGETS:
         return {"arm": arm, "seed": seed, "skipped": f"no targets: {ctx['no_targets']}"}
+    if arm == "transplanted_tuned" and ctx["tuned_targets"] is None:
+        return {"arm": arm, "seed": seed, "skipped": f"no targets under the tuned rule: {ctx['no_tuned_targets']}"}
     recipe = {"epochs": args.ft_epochs, "seed": seed, "batch_size": args.batch_size, **_optimiser(args)}
     start = ctx["clean"] if arm == "clean" else ctx["decoyed"]
     model = copy.deepcopy(start)
@@ -238,6 +311,8 @@ def run_cell(arm: str, seed: int, ctx: dict, args) -> dict:
         finetune(model, train, sampler=targets.hard_sampler(train, seed=seed), **recipe)
     elif arm == "transplanted":
         finetune(model, targets.transplanted(train, seed=seed), **recipe)
+    elif arm == "transplanted_tuned":
+        finetune(model, ctx["tuned_targets"].transplanted(train, seed=seed), **recipe)
     else:
         raise ValueError(f"--arms: unknown arm {arm!r}; known: {', '.join(ARMS)}")
     trained_s = time.perf_counter() - began
@@ -341,6 +416,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-prototypes", type=int, default=32)
     p.add_argument("--rrr-weights", type=lambda t: [float(v) for v in t.split(",")], default=[10.0, 100.0, 1000.0],
                    help="RRR's lambda grid, chosen on the oracle validation split (default 10,100,1000)")
+    p.add_argument("--i2x-rules", type=lambda t: [r.strip() for r in t.split(",") if r.strip()],
+                   default=list(I2X_RULES), help="transplanted_tuned's grid of CUT:CAP rules (the shortcut reading's "
+                                                 "cut, otsu or a fraction of the top score; the targets' max_fraction)")
     p.add_argument("--val-size", type=int, default=5000,
                    help="training images held out from every model, for tuning RRR (default 5000)")
     p.add_argument("--wrong-reason-images", type=int, default=1000)
@@ -358,6 +436,14 @@ def main(argv=None) -> int:
     bad = [a for a in arms if a not in ARMS]
     if bad:
         p.error(f"--arms: unknown {bad}; known: {', '.join(ARMS)}")
+    args.arm_list = arms
+    for rule in args.i2x_rules:
+        try:
+            cut, cap = _rule(rule)
+            if not (cut == "otsu" or 0 < cut <= 1) or not 0 < cap <= 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"--i2x-rules: {rule!r} is not CUT:CAP (CUT: otsu or a fraction in (0, 1]; CAP in (0, 1])")
     began = time.perf_counter()
     cells_dir = args.out / "cells"
     if int(os.environ.get("RANK", "0")) == 0:  # before the processes meet: a Tracker must see no group
@@ -399,6 +485,10 @@ def main(argv=None) -> int:
     config["targets"] = ctx["targets"].summary() if ctx["targets"] is not None else {"none": ctx["no_targets"]}
     config["processes"] = world
     config["rrr_tuning"] = json.loads((args.out / "rrr_tuning.json").read_text())
+    if ctx["tuned_targets"] is not None:
+        config["i2x_tuning"] = json.loads((args.out / "i2x_tuning.json").read_text())
+        config["tuned_targets"] = ctx["tuned_targets"].summary()
+    config.pop("arm_list", None)
     table = summarize(cells, arms, seeds)
     results = {"config": config, "cells": cells, "table": table, "wall_s": round(time.perf_counter() - began, 1)}
     _write_json(args.out / "results.json", results)
