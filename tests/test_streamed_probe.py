@@ -166,23 +166,32 @@ def test_release_freed_heap_runs_here():
 
 
 def test_the_heap_is_trimmed_only_once_the_resident_size_has_grown():
-    """GrowthTrimmer by hand: the floor is the first reading; a trim happens only above floor +
-    margin, and the reading after it is the new floor; an unreadable size trims every time."""
+    """GrowthTrimmer by hand: the baseline is the lowest reading (taken between batches, never
+    right after a trim); a trim happens only above baseline + margin; growth still there right
+    after a trim becomes the baseline; an unreadable size trims every time."""
     from i2x._internal.heap import GrowthTrimmer
 
-    readings = iter([100, 150, 169, 171, 120, 130, 191, 192, 100])
+    readings = iter([100, 90, 150, 161, 120, 130, 161, 162, 170, 232, 240])
     trims = []
     trimmer = GrowthTrimmer(margin=70, read=lambda: next(readings), trim=lambda: trims.append(1))
-    trimmer()  # 100: the floor
+    trimmer()  # 100: the baseline
+    trimmer()  # 90: lower, the new baseline
     trimmer()  # 150: within the margin
-    trimmer()  # 169
-    assert trims == [] and trimmer.floor == 100
-    trimmer()  # 171 > 170: trim, then read 120 as the new floor
-    assert trims == [1] and trimmer.floor == 120
+    assert trims == [] and trimmer.baseline == 90
+    trimmer()  # 161 > 160: trim (no reading after it)
+    assert trims == [1] and trimmer.baseline == 90
+    trimmer()  # 120: back within the margin
     trimmer()  # 130
-    trimmer()  # 191 > 190: trim; the floor is 192 (fragmentation the trim could not return)
-    assert len(trims) == 2 and trimmer.floor == 192
+    trimmer()  # 161: trim again
+    assert len(trims) == 2
+    trimmer()  # 162 right after a trim: the trim could not return it, so it is the new baseline
+    assert len(trims) == 2 and trimmer.baseline == 162
+    trimmer()  # 170
+    trimmer()  # 232 > 232? no: 232 = 162 + 70 is within
+    assert len(trims) == 2
+    trimmer()  # 240: trim
+    assert len(trims) == 3 and trimmer.trims == 3
     blind = GrowthTrimmer(read=lambda: None, trim=lambda: trims.append(1))
     blind()
     blind()
-    assert len(trims) == 4 and blind.trims == 2
+    assert len(trims) == 5 and blind.trims == 2

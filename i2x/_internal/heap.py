@@ -50,19 +50,23 @@ def resident_bytes() -> int | None:
 
 
 class GrowthTrimmer:
-    """Calls :func:`release_freed_heap` only once the resident size has grown ``margin`` bytes
-    above what it was after the last trim (or at the first call).
+    """Calls :func:`release_freed_heap` only once the resident size, read between batches, has
+    grown ``margin`` bytes above its baseline: the lowest size read so far.
 
     Why: a trim walks the heap and returns its free pages, and the next batch faults them back
-    in, a cost paid at every batch when trimming after each (about 2% of a resnet50 record at
-    batch 10). Fragmentation builds up over many batches, so trimming when it has built up keeps
-    the resident size within ``margin`` of the floor at a fraction of the calls. Where the
-    resident size cannot be read, every call trims."""
+    in. Read right after a trim, the size is below a batch's working set, so a baseline taken
+    there made every next batch look grown and trimmed after each (a resnet50 record at batch 10
+    paid about 6% for it). Read between batches instead, the size is the working set plus the
+    fragmentation built up since the last trim (about 3 MB a 224 px batch): the trim comes once
+    that passes ``margin``, every couple of dozen batches. Growth that a trim could not return (read
+    again above the margin right after one) is taken as the new baseline instead of being trimmed
+    at every batch. Where the resident size cannot be read, every call trims."""
 
-    def __init__(self, margin: int = 16 * 2**20, read=resident_bytes, trim=release_freed_heap) -> None:
+    def __init__(self, margin: int = 64 * 2**20, read=resident_bytes, trim=release_freed_heap) -> None:
         self.margin, self._read, self._trim = int(margin), read, trim
-        self.floor: int | None = None
+        self.baseline: int | None = None
         self.trims = 0
+        self._just_trimmed = False
 
     def __call__(self) -> None:
         now = self._read()
@@ -70,9 +74,14 @@ class GrowthTrimmer:
             self._trim()
             self.trims += 1
             return
-        if self.floor is None:
-            self.floor = now
-        elif now > self.floor + self.margin:
-            self._trim()
-            self.trims += 1
-            self.floor = self._read() or now
+        if self.baseline is None or now < self.baseline:
+            self.baseline = now
+        elif now > self.baseline + self.margin:
+            if self._just_trimmed:  # the last trim could not return it: the new level, not fragmentation
+                self.baseline = now
+            else:
+                self._trim()
+                self.trims += 1
+                self._just_trimmed = True
+                return
+        self._just_trimmed = False
