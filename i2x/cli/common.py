@@ -7,9 +7,12 @@ Only the standard library is imported at module level: ``i2x --help`` must answe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
+import sys
+import warnings
 from pathlib import Path
 
 # The names --data takes (i2x.data.DATASET_INFO, written out: the command imports no torch at
@@ -182,3 +185,16 @@ def class_index(store, token: str) -> int:
 
 def class_label(names: list[str], c: int) -> str:
     return names[c] if names[c] == str(c) else f"{c} ({names[c]})"
+
+
+@contextlib.contextmanager
+def warnings_as_lines(verb: str):
+    """Warnings the work raises (e.g. an overlapping pair: i2x.analysis.labels.LabelOverlapWarning)
+    printed at once as the command's own lines, not as Python's ``file:line: Category``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"i2x {verb}: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield

@@ -15,6 +15,7 @@ from i2x.cli.common import (
     int_list,
     positive_float,
     positive_int,
+    warnings_as_lines,
 )
 
 
@@ -74,9 +75,11 @@ def _demo(args) -> int:
     from i2x.apps.demo import demo, summary_lines
 
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None
-    summary = demo(args.folder, quick=args.quick, full=args.full, data=args.data, root=args.data_root, arms=arms,
-                   seeds=args.seeds, train_size=args.train_size, epochs=args.epochs, device=args.device,
-                   precision=args.precision, report=not args.no_report, memory_budget=args.memory_budget)
+    with warnings_as_lines("demo"):
+        summary = demo(args.folder, quick=args.quick, full=args.full, data=args.data, root=args.data_root,
+                       arms=arms, seeds=args.seeds, train_size=args.train_size, epochs=args.epochs,
+                       device=args.device, precision=args.precision, report=not args.no_report,
+                       memory_budget=args.memory_budget)
 
     def text() -> str:
         where = [f"run     {summary['run']}"]

@@ -4,11 +4,9 @@ confused pairs) and ``i2x experiment`` (arms x seeds of fine-tuning, resumable).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import warnings
 
 from i2x.cli.common import (
     COMMON,
@@ -27,6 +25,7 @@ from i2x.cli.common import (
     positive_int,
     run_data,
     run_model,
+    warnings_as_lines,
 )
 
 
@@ -229,19 +228,6 @@ def _labels(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _warnings_as_lines(verb: str):
-    """Warnings the work raises (e.g. an overlapping pair: i2x.analysis.labels.LabelOverlapWarning)
-    printed at once as the command's own lines, not as Python's ``file:line: Category``."""
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"i2x {verb}: warning: {message}", file=sys.stderr, flush=True)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = show
-        yield
-
-
 def _experiment(args) -> int:
     from i2x.loop.experiments import experiment, results_markdown
 
@@ -256,7 +242,7 @@ def _experiment(args) -> int:
     where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     log = None if quiet else (lambda line: print(f"  {where}{line}", flush=True))
     try:
-        with _warnings_as_lines("experiment"):
+        with warnings_as_lines("experiment"):
             results = experiment(store, model, train, test, arms=arms, seeds=args.seeds,
                                  epochs_per_stage=args.epochs_per_stage, lr=args.lr,
                                  batch_size=args.batch_size, perturb_mode=args.perturb_mode,
