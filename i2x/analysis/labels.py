@@ -92,7 +92,11 @@ def label_issues(probs: np.ndarray, labels: np.ndarray, pairs, classes: list[str
     cl = _cleanlab()
     n, m = probs.shape
     positions = np.arange(n) if indices is None else np.asarray(indices)
-    issues = cl.filter.find_label_issues(labels=labels, pred_probs=probs)
+    # n_jobs=1: cleanlab's default forks a multiprocessing pool from this process, which holds
+    # torch's threads (a fork of a threaded process may deadlock) and turns a Ctrl-C into the
+    # pool's shutdown; one process is also faster here (60,000 images x 10 classes: 0.05 s against
+    # 0.13 s with the pool on 2 cores, the same issues).
+    issues = cl.filter.find_label_issues(labels=labels, pred_probs=probs, n_jobs=1)
     overlap = cl.dataset.find_overlapping_classes(labels=labels, pred_probs=probs)
     joint = {}
     for _, row in overlap.iterrows():
