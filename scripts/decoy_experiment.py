@@ -136,33 +136,41 @@ def _optimiser(args) -> dict:
     return {"lr": args.lr}
 
 
+def choose_on_validation(path: Path, key: str, options, fit, d: dict) -> dict:
+    """One fine-tuning per option (``fit(option) -> (model, figures)``, model None when the option
+    failed, with the reason in figures), each scored by its accuracy on the oracle validation
+    split; the best is ``chosen``. Written to ``path`` once; a second call reads it back."""
+    if path.exists():
+        return json.loads(path.read_text())
+    calibration = calibration_images(d["ft_train"])
+    trials = []
+    for option in options:
+        model, figures = fit(option)
+        acc = 0.0 if model is None else evaluate(model, d["validation"], calibration, num_classes=10)["accuracy"]
+        trials.append({key: option, "validation_accuracy": acc, **figures})
+        print(f"{path.stem}: {key} {option}: " + (f"validation accuracy {100 * acc:.1f}%" if model is not None
+                                                   else f"failed ({figures})"), flush=True)
+    best = max(trials, key=lambda t: t["validation_accuracy"])
+    result = {"chosen": best[key], "trials": trials, "validation_size": len(d["validation"])}
+    _write_json(path, result)
+    return result
+
+
 def tune_rrr(out: Path, args, d: dict, decoyed) -> dict:
     """RRR's weight (lambda), chosen once from ``--rrr-weights`` by the accuracy on the oracle
     validation split after one fine-tuning run (seed 0) with the true masks; both RRR arms use it.
     The paper sets lambda so that its two loss terms are of a size; how large that is depends on
     the input scale and the model, so the grid spans three orders of magnitude."""
-    path = out / "rrr_tuning.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    calibration = calibration_images(d["ft_train"])
-    trials = []
-    for weight in args.rrr_weights:
+    def fit(weight):
         model = copy.deepcopy(decoyed)
         try:
             stats = finetune(model, d["ft_train"], penalty=RRRPenalty(d["ft_train"].masks, weight=weight),
                              epochs=args.ft_epochs, seed=0, batch_size=args.batch_size, **_optimiser(args))
         except FloatingPointError as e:  # too large a weight for this learning rate: the loss diverged
-            trials.append({"weight": weight, "validation_accuracy": 0.0, "diverged": str(e)})
-            print(f"rrr tuning: weight {weight:g}: diverged ({e})", flush=True)
-            continue
-        acc = evaluate(model, d["validation"], calibration, num_classes=10)["accuracy"]
-        trials.append({"weight": weight, "validation_accuracy": acc, "mean_loss": stats.mean_loss,
-                       "mean_penalty": stats.mean_penalty})
-        print(f"rrr tuning: weight {weight:g}: validation accuracy {100 * acc:.1f}%", flush=True)
-    best = max(trials, key=lambda t: t["validation_accuracy"])
-    result = {"chosen": best["weight"], "trials": trials, "validation_size": len(d["validation"])}
-    _write_json(path, result)
-    return result
+            return None, {"diverged": str(e)}
+        return model, {"mean_loss": stats.mean_loss, "mean_penalty": stats.mean_penalty}
+
+    return choose_on_validation(out / "rrr_tuning.json", "weight", args.rrr_weights, fit, d)
 
 
 def _rule(text: str) -> tuple[str | float, float]:
@@ -195,29 +203,18 @@ def tune_i2x(out: Path, args, d: dict, decoyed) -> dict:
     """The rule of ``transplanted_tuned``, chosen once from ``--i2x-rules`` by the accuracy on the
     oracle validation split after one transplant fine-tuning (seed 0): the same budget RRR's weight
     gets. Only the validation images' test-rule greys are used, never their masks."""
-    path = out / "i2x_tuning.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    calibration = calibration_images(d["ft_train"])
-    trials = []
-    for rule in args.i2x_rules:
+    def fit(rule):
         try:
             targets = rule_targets(out, rule, decoyed, d)
         except NothingToCurate as e:
-            trials.append({"rule": rule, "validation_accuracy": 0.0, "nothing_flagged": str(e)})
-            continue
+            return None, {"nothing_flagged": str(e)}
         model = copy.deepcopy(decoyed)
         finetune(model, targets.transplanted(d["ft_train"], seed=0), epochs=args.ft_epochs, seed=0,
                  batch_size=args.batch_size, **_optimiser(args))
-        acc = evaluate(model, d["validation"], calibration, num_classes=10)["accuracy"]
-        trials.append({"rule": rule, "validation_accuracy": acc, "targets": int(targets.selected.sum()),
-                       "prototypes": sorted({int(p["prototype"]) for p in targets.summary()["prototypes"]})})
-        print(f"i2x tuning: rule {rule}: {trials[-1]['targets']} targets, validation accuracy {100 * acc:.1f}%",
-              flush=True)
-    best = max(trials, key=lambda t: t["validation_accuracy"])
-    result = {"chosen": best["rule"], "trials": trials, "validation_size": len(d["validation"])}
-    _write_json(path, result)
-    return result
+        return model, {"targets": int(targets.selected.sum()),
+                       "prototypes": sorted({int(p["prototype"]) for p in targets.summary()["prototypes"]})}
+
+    return choose_on_validation(out / "i2x_tuning.json", "rule", args.i2x_rules, fit, d)
 
 
 def train_models(out: Path, args) -> None:
