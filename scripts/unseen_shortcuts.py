@@ -126,7 +126,8 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
     run = store.path
     if not RunStore.open(run).has("analysis"):
         i2x.analyze(run)
-    analysis = RunStore.open(run).read_json("analysis")
+    store = RunStore.open(run)  # reopened: the analysis above wrote through a store of its own
+    analysis = store.read_json("analysis")
     try:
         try:
             targets = load_targets(run)
@@ -136,12 +137,12 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
         targets, no_targets = None, str(e)
     counterfactual = None
     if targets is not None:
-        counterfactual = counterfactual_split(RunStore.open(run), model, validation, planted.dataset)
+        counterfactual = counterfactual_split(store, model, validation, planted.dataset)
     results = i2x.experiment(run, model, planted.dataset, test, arms=ARMS, seeds=args.seeds, scope=args.scope,
                              validation=validation, counterfactual=counterfactual,
                              clean=(ctx["clean_state"], ctx["train"]), batch_size=PLAN.batch_size,
                              log=lambda line: _log(f"  mark {i}: {line}"))
-    purity = prototype_purity(RunStore.open(run), planted.pixel_masks())
+    purity = prototype_purity(store, planted.pixel_masks())
     flagged = flagged_prototypes(analysis)
     found = {kind: [{"prototype": p, "on_mark": round(float(purity[p]), 3)} for p in ids]
              for kind, ids in flagged.items() if kind != "top_pair"}
