@@ -4,6 +4,10 @@ prototypes, analysis, targets, then the experiment (arms x seeds), and the publi
     python scripts/loop_experiment.py --out runs/fmnist --publish docs/results/fashion-mnist
     python scripts/loop_experiment.py --shortcut --out runs/shortcut --publish docs/results/fashion-mnist-shortcut
 
+``--labels`` runs the label diagnosis (``i2x.analysis.labels.diagnose_labels`` over every training image) on the
+pair and adds the ``cleaned->full`` arm: the pair's likely mislabelled images dropped for one
+epoch, then a full epoch, in the same paired experiment as the other arms.
+
 ``--shortcut`` plants a bright 4 x 4 mark in the top-left corner of 80% of the training Shirts and
 5% of the T-shirts, and of 50% of both classes' test images (independent of the class), trains a
 ``clean`` model on the unmarked training set with the same recipe, and adds the ``oracle->full``
@@ -21,9 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import i2x
-from i2x.loop.targets import known_targets
+from i2x.analysis.labels import diagnose_labels
 from i2x.loop.experiments import ALL_ARMS
 from i2x.loop.planted import plant_mark
+from i2x.loop.targets import known_targets
 
 PAIR = (0, 6)  # T-shirt/top, Shirt
 
@@ -97,6 +102,9 @@ def main() -> None:
     p.add_argument("--prototypes", type=int, default=32)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--arms", default="all")
+    p.add_argument("--labels", action="store_true",
+                   help="diagnose the pair's labels (cleanlab, all training images) and add the cleaned->full arm")
+    p.add_argument("--name", default="experiment", help="the experiment's folder in the run")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ceiling", action="store_true", help="also train 4x longer and a 2x wider model (one seed)")
     p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
@@ -149,6 +157,10 @@ def main() -> None:
 
     oracle = clean = None
     arms = list(ALL_ARMS) if args.arms == "all" else args.arms.split(",")
+    if args.labels:
+        extra["labels"] = _diagnose(run_dir, model, train)
+        if "cleaned->full" not in arms:
+            arms.append("cleaned->full")
     if planted is not None:
         pair_marked = planted.marked[targets.indices]
         sel = targets.selected
@@ -174,7 +186,7 @@ def main() -> None:
 
     results = i2x.experiment(run_dir, model, train, test, arms=arms, seeds=args.seeds, targets=targets,
                              oracle=oracle, clean=clean, train_lr=args.lr, batch_size=args.batch_size,
-                             device=args.device, log=_log)
+                             device=args.device, log=_log, name=args.name)
     if args.ceiling:
         extra["ceiling"] = _ceiling(args, init, clean_train, test)
     extra["seconds_total"] = time.perf_counter() - began
@@ -183,6 +195,23 @@ def main() -> None:
     _log(f"done in {extra['seconds_total']:.0f} s (cells {extra['experiment_seconds']:.0f} s)")
     if args.publish:
         publish(args.publish, results, extra, vars(args))
+
+
+def _diagnose(run_dir: Path, model, train) -> dict:
+    """The label diagnosis of the pair (reused when the run holds one): its figures, without the
+    full list of positions (the run's labels.json keeps them)."""
+    if (run_dir / "labels.json").exists():
+        result = i2x.RunStore.open(run_dir).read_json("labels")
+    else:
+        started = time.perf_counter()
+        result = diagnose_labels(run_dir, model, train, n_pairs=1, n_images=None)
+        result["seconds"] = time.perf_counter() - started
+    entry = next(e for e in result["pairs"] if sorted(e["pair"]) == sorted(PAIR))
+    _log(f"labels: {entry['line']}")
+    return {"images": result["images"], "probabilities": result["probabilities"], "head_accuracy": result["accuracy"],
+            "issues_overall": result["issues"], "seconds": result.get("seconds"),
+            **{k: entry[k] for k in ("pair", "names", "images", "issues", "issue_share", "overlap", "overlapping",
+                                     "exemplars", "verdict", "line")}}
 
 
 def _mark_prototype(store, planted) -> int:
