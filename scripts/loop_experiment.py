@@ -208,8 +208,8 @@ def _diagnose(run_dir: Path, model, train) -> dict:
         result["seconds"] = time.perf_counter() - started
     entry = next(e for e in result["pairs"] if sorted(e["pair"]) == sorted(PAIR))
     _log(f"labels: {entry['line']}")
-    return {"images": result["images"], "probabilities": result["probabilities"], "head_accuracy": result["accuracy"],
-            "issues_overall": result["issues"], "seconds": result.get("seconds"),
+    return {"diagnosed_images": result["images"], "probabilities": result["probabilities"],
+            "head_accuracy": result["accuracy"], "issues_overall": result["issues"], "seconds": result.get("seconds"),
             **{k: entry[k] for k in ("pair", "names", "images", "issues", "issue_share", "overlap", "overlapping",
                                      "exemplars", "verdict", "line")}}
 

@@ -271,7 +271,7 @@ def test_labels_equals_the_api_and_the_experiment_warns_on_overlap(loop, tmp_pat
     analysis = json.loads((run / "analysis.json").read_text())
     assert [e["pair"] for e in on_disk["pairs"]] == [e["pair"] for e in analysis["uncertainty"][:2]]
     for entry in on_disk["pairs"]:
-        assert entry["verdict"] in ("shortcut", "overlap", "unclear") and entry["line"].startswith(
+        assert entry["verdict"] in ("shortcut", "both", "overlap", "unclear") and entry["line"].startswith(
             f"{entry['names'][0]} vs {entry['names'][1]}: ")
     assert main(["labels", str(run), "--data", "digits", "--images", "1000"]) == 0
     text = capsys.readouterr().out

@@ -74,8 +74,11 @@ def test_the_verdict_rule_by_hand():
     kind, line = verdict(entry, [])
     assert kind == "overlap" and line.startswith("T-shirt vs Shirt: overlapping classes, about 8.0%")
     assert "the loop is not expected to help" in line
+    # A flag and many likely label issues: both explanations, neither hiding the other.
     kind, line = verdict(entry, [4, 7])
-    assert kind == "shortcut" and "prototypes 4, 7 flagged" in line
+    assert kind == "both" and "prototypes 4, 7 flagged" in line and "about 8.0%" in line
+    kind, line = verdict({**entry, "issue_share": ISSUE_SHARE_OVERLAP / 2}, [4])
+    assert kind == "shortcut" and "prototype 4 flagged" in line
     kind, _ = verdict({**entry, "issue_share": ISSUE_SHARE_OVERLAP / 2}, [])
     assert kind == "unclear"
 
