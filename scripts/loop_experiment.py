@@ -200,8 +200,9 @@ def main() -> None:
 def _diagnose(run_dir: Path, model, train) -> dict:
     """The label diagnosis of the pair (reused when the run holds one): its figures, without the
     full list of positions (the run's labels.json keeps them)."""
-    if (run_dir / "labels.json").exists():
-        result = i2x.RunStore.open(run_dir).read_json("labels")
+    store = i2x.RunStore.open(run_dir)
+    if store.has("labels"):
+        result = store.read_json("labels")
     else:
         started = time.perf_counter()
         result = diagnose_labels(run_dir, model, train, n_pairs=1, n_images=None)

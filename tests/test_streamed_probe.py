@@ -187,7 +187,7 @@ def test_the_heap_is_trimmed_only_once_the_resident_size_has_grown():
     trimmer()  # 162 right after a trim: the trim could not return it, so it is the new baseline
     assert len(trims) == 2 and trimmer.baseline == 162
     trimmer()  # 170
-    trimmer()  # 232 > 232? no: 232 = 162 + 70 is within
+    trimmer()  # 232 = 162 + 70: at the margin, not above it
     assert len(trims) == 2
     trimmer()  # 240: trim
     assert len(trims) == 3 and trimmer.trims == 3

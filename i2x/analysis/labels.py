@@ -137,16 +137,15 @@ def verdict(entry: dict, shortcut_prototypes: list[int]) -> tuple[str, str]:
     noisy = entry["issue_share"] > ISSUE_SHARE_OVERLAP
     protos = ", ".join(str(p) for p in shortcut_prototypes)
     flagged = f"prototype{'s' if len(shortcut_prototypes) > 1 else ''} {protos} flagged"
+    ambiguous = (f"about {share:.1f}% of the pair's images likely ambiguous or mislabelled "
+                 f"(overlap {entry['overlap']:.4f})")
     if shortcut_prototypes and noisy:
-        return "both", (f"{a} vs {b}: shortcut-like ({flagged}) and overlapping: about {share:.1f}% of the "
-                        f"pair's images likely ambiguous or mislabelled (overlap {entry['overlap']:.4f}); the loop "
-                        "can address the flagged parts, not the labels")
+        return "both", (f"{a} vs {b}: shortcut-like ({flagged}) and overlapping: {ambiguous}; the loop can address "
+                        "the flagged parts, not the labels")
     if shortcut_prototypes:
         return "shortcut", f"{a} vs {b}: shortcut-like: {flagged} (likely label issues {share:.1f}% of the pair)"
     if noisy:
-        return "overlap", (f"{a} vs {b}: overlapping classes, about {share:.1f}% of the pair's images likely "
-                           f"ambiguous or mislabelled (overlap {entry['overlap']:.4f}); the loop is not expected "
-                           "to help")
+        return "overlap", f"{a} vs {b}: overlapping classes, {ambiguous}; the loop is not expected to help"
     return "unclear", (f"{a} vs {b}: no flagged shortcut and few likely label issues ({share:.1f}%): "
                        "no clear cause")
 
