@@ -2,7 +2,7 @@
 
     python -P scripts/unseen_shortcuts.py OUT [--mark-seed 2026] [--marks 12] [--only 0,3]
                                               [--seeds 3] [--train-size 12000] [--epochs 4]
-                                              [--scope pair] [--publish docs/results/unseen-shortcuts]
+                                              [--scope model] [--publish docs/results/unseen-shortcuts]
 
 ``i2x.loop.planted.draw_marks(--marks, --mark-seed)`` draws the marks: every kind of shape in turn
 (square, bar, ring, dots, texture, tint), sizes 3-6 px, one place or four per-image places, an
@@ -23,13 +23,18 @@ Per mark, on Fashion-MNIST (``--train-size`` training images, the demo's recipe)
    ``clean`` arm: the reference the gap is measured to.
 
 Measured per mark, with the planted truth the loop never saw:
+- the mark's cost: ``full->full - clean`` test errors per seed (95% t-interval); the model relied
+  on the mark measurably when the interval lies above 0 (the median-gap goal counts these marks);
 - found: the prototypes the model-wide reading and the pair analysis flagged, and for each the
-  share of its probe cells that lie on the mark; the mark counts as found when a flagged prototype
-  lies mostly (> 50%) on it. The prototype most on the mark is reported too (could any cut see it?).
+  share of the mark's probe cells it holds and the share of its probe images that carry the mark
+  (:func:`prototype_on_mark`); the mark counts as found when a flagged prototype has both above
+  one half. The prototype most on the mark is reported too (could any cut see it?).
 - the targets' precision and recall against the marked training images;
-- test errors (all classes, the marked test set) of every arm, and the share of the gap between
-  ``full->full`` and ``clean`` the recommended arm recovers (per seed, 95% t-interval); where
-  nothing is recommended, what keeping the model gives.
+- test errors (all classes, the marked test set) of every arm, and the outcome: the recommended
+  arm's share of the gap between ``full->full`` and ``clean`` it recovers (per seed, 95%
+  t-interval; harmless when the interval lies above -5%) and its errors against ``full->full``.
+  Where nothing is recommended the loop changes nothing in the user's plan: 0% recovered, no harm
+  (the kept model's own errors are recorded beside it).
 
 Every stage is resumable (runs, experiments and ``OUT/marks/NN.json`` are reused). ``OUT/suite.json``
 (and with ``--publish`` ``PATH.json``) holds every figure; ``OUT/suite.md`` the table.
@@ -71,15 +76,26 @@ def errors_of(cell: dict) -> int:
     return int(confusion.sum() - confusion.diagonal().sum())
 
 
-def prototype_purity(store: RunStore, pixel_masks: torch.Tensor) -> torch.Tensor:
-    """``[K]``: the share of each prototype's probe cells that touch the mark (over every probe
-    image and grid position)."""
+def prototype_on_mark(store: RunStore, planted) -> dict[str, torch.Tensor]:
+    """Per prototype (``[K]`` each), against the planted truth over the probe: ``holds``, the share
+    of the mark's cells (probe cells whose box touches marked pixels) assigned to it; ``marked``,
+    the share of the probe images it appears in that carry the mark. A prototype is the mark's when
+    both are above one half: it takes most of the mark, and it appears mostly where the mark is.
+    (The share of its own cells on the mark is no test: the layer's receptive field spreads a small
+    mark over the neighbouring cells, so the mark's prototype also holds cells beside it.)"""
     indices, _ = store.probe()
     assignment = store.read_tensors("prototypes", ["assignment"])["assignment"]
     k = int(assignment.max()) + 1
-    on_mark = F.adaptive_max_pool2d(pixel_masks[indices][:, None].float(), tuple(assignment.shape[1:]))[:, 0] > 0
-    return torch.tensor([float((on_mark & (assignment == j)).sum()) / max(1, int((assignment == j).sum()))
-                         for j in range(k)])
+    masks = planted.pixel_masks()[indices][:, None].float()
+    on_mark = F.adaptive_max_pool2d(masks, tuple(assignment.shape[1:]))[:, 0] > 0
+    marked = planted.marked[indices]
+    holds, in_marked = torch.zeros(k), torch.zeros(k)
+    for j in range(k):
+        cells = assignment == j
+        holds[j] = float((on_mark & cells).sum()) / max(1, int(on_mark.sum()))
+        present = cells.flatten(1).any(1)
+        in_marked[j] = float(marked[present].float().mean()) if present.any() else 0.0
+    return {"holds": holds, "marked": in_marked}
 
 
 def flagged_prototypes(analysis: dict) -> dict[str, list[int]]:
@@ -92,21 +108,50 @@ def flagged_prototypes(analysis: dict) -> dict[str, list[int]]:
     return {"reading": [int(p) for p in reading], "pair": pair, "top_pair": top.get("pair")}
 
 
-def gap_recovered(results: dict, arm: str | None) -> dict | None:
-    """``(full->full - arm) / (full->full - clean)`` in test errors, per seed, with its interval;
-    ``arm`` None: the model kept as it was (its errors at the start)."""
-    arms = results["arms"]
-    if "clean" not in arms or "full->full" not in arms:
+def _paired_errors(results: dict, arms: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Test errors per seed of each of ``arms``, on the seeds every one of them ran."""
+    cells = results["arms"]
+    seeds = set.intersection(*(set(cells[a]["seeds"]) for a in arms))
+    return {s: {a: errors_of(cells[a]["seeds"][s]) for a in arms} for s in sorted(seeds)}
+
+
+def gap_of(results: dict) -> dict | None:
+    """How much the mark cost: ``full->full - clean`` test errors per seed, with its interval. The
+    model relied on the mark measurably when the interval lies above 0."""
+    if "clean" not in results["arms"] or "full->full" not in results["arms"]:
         return None
-    seeds = sorted(set(arms["full->full"]["seeds"]) & set(arms["clean"]["seeds"])
-                   & (set(arms[arm]["seeds"]) if arm else set(arms["full->full"]["seeds"])))
-    shares = []
-    for s in seeds:
-        full, clean = errors_of(arms["full->full"]["seeds"][s]), errors_of(arms["clean"]["seeds"][s])
-        mine = errors_of(arms[arm]["seeds"][s]) if arm else errors_of(results["start"])
-        if full != clean:
-            shares.append((full - mine) / (full - clean))
+    per_seed = _paired_errors(results, ("full->full", "clean"))
+    return paired_interval([e["full->full"] - e["clean"] for e in per_seed.values()]) if per_seed else None
+
+
+def gap_recovered(results: dict, arm: str) -> dict | None:
+    """``(full->full - arm) / (full->full - clean)`` in test errors, per seed, with its interval."""
+    if "clean" not in results["arms"] or "full->full" not in results["arms"]:
+        return None
+    shares = [(e["full->full"] - e[arm]) / (e["full->full"] - e["clean"])
+              for e in _paired_errors(results, ("full->full", "clean", arm)).values()
+              if e["full->full"] != e["clean"]]
     return paired_interval(shares) if shares else None
+
+
+def versus_full(results: dict, arm: str) -> dict | None:
+    """``arm - full->full`` test errors per seed (below 0: the arm did better), with its interval."""
+    per_seed = _paired_errors(results, ("full->full", arm))
+    return paired_interval([e[arm] - e["full->full"] for e in per_seed.values()]) if per_seed else None
+
+
+def outcome_of(results: dict, arm: str | None) -> dict:
+    """What a user who follows the loop ends with. An arm: its gap recovered and its errors against
+    ``full->full``; harmless when the gap-recovered interval lies above -5%. No arm: the loop says to
+    keep the model, so it changes nothing in the user's plan (keep it, or train on as they would
+    have: ``full->full``): 0% recovered, no harm by construction; the kept model's own test errors
+    are recorded beside it (it has the arms' fine-tuning epochs fewer, so it is not compared)."""
+    if arm is None:
+        return {"arm": "kept", "gap_recovered": {"mean": 0.0, "lo": None, "hi": None, "n": 0}, "harmless": True,
+                "start_errors": errors_of(results["start"])}
+    recovered = gap_recovered(results, arm)
+    return {"arm": arm, "gap_recovered": recovered, "versus_full": versus_full(results, arm),
+            "harmless": bool(recovered and recovered["lo"] is not None and recovered["lo"] > -0.05)}
 
 
 def run_mark(i: int, mark, ctx: dict, args) -> dict:
@@ -142,17 +187,20 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
                              validation=validation, counterfactual=counterfactual,
                              clean=(ctx["clean_state"], ctx["train"]), batch_size=PLAN.batch_size,
                              log=lambda line: _log(f"  mark {i}: {line}"))
-    purity = prototype_purity(store, planted.pixel_masks())
+    on = prototype_on_mark(store, planted)
     flagged = flagged_prototypes(analysis)
-    found = {kind: [{"prototype": p, "on_mark": round(float(purity[p]), 3)} for p in ids]
-             for kind, ids in flagged.items() if kind != "top_pair"}
-    best = int(purity.argmax())
+
+    def entry(p: int) -> dict:
+        return {"prototype": p, "holds": round(float(on["holds"][p]), 3), "marked": round(float(on["marked"][p]), 3)}
+
+    found = {kind: [entry(p) for p in ids] for kind, ids in flagged.items() if kind != "top_pair"}
+    best = int((on["holds"] * on["marked"]).argmax())
     figures: dict = {
         "index": i, "mark": mark.to_dict(), "described": mark.describe(classes),
         "marked_train_images": int(planted.marked.sum()),
         "top_pair": flagged["top_pair"], "flagged": found,
-        "found": any(f["on_mark"] > 0.5 for kind in found.values() for f in kind),
-        "most_on_mark": {"prototype": best, "on_mark": round(float(purity[best]), 3)},
+        "found": any(f["holds"] > 0.5 and f["marked"] > 0.5 for kind in found.values() for f in kind),
+        "most_on_mark": entry(best),
     }
     if targets is None:
         figures["targets"] = {"none": no_targets}
@@ -171,7 +219,9 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
     figures["errors"]["start"] = errors_of(results["start"])
     figures["gap_recovered"] = {arm: gap_recovered(results, arm) for arm in results["arms"]
                                 if arm not in ("clean", "full->full") and results["arms"][arm]["seeds"]}
-    figures["outcome"] = {"arm": rec.get("arm") or "kept", "gap_recovered": gap_recovered(results, rec.get("arm"))}
+    figures["gap"] = gap_of(results)
+    figures["relied_on_mark"] = bool(figures["gap"] and figures["gap"]["lo"] is not None and figures["gap"]["lo"] > 0)
+    figures["outcome"] = outcome_of(results, rec.get("arm"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2))
     return figures
@@ -185,21 +235,56 @@ def _pct(c: dict | None) -> str:
     return f"{100 * c['mean']:+.0f}% [{100 * c['lo']:+.0f}, {100 * c['hi']:+.0f}]"
 
 
+def _errors(c: dict | None) -> str:
+    if not c:
+        return "-"
+    if c.get("lo") is None:
+        return f"{c['mean']:+.1f}"
+    return f"{c['mean']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
+
+
 def markdown(rows: list[dict], pooled: dict) -> str:
-    lines = ["| # | mark | found (prototype: share on the mark) | targets precision / recall | recommended | "
-             "gap recovered (outcome) | random->full | hard->full |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | mark | cost: full->full - clean errors | found (prototype: share on the mark) | "
+             "targets precision / recall | outcome | gap recovered | outcome - full->full errors | "
+             "random->full | hard->full |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        flagged = ", ".join(f"{f['prototype']}: {100 * f['on_mark']:.0f}%" for kind in r["flagged"].values()
-                            for f in kind) or "nothing flagged"
+        flagged = ", ".join(f"{f['prototype']}: {100 * f['holds']:.0f}/{100 * f['marked']:.0f}%"
+                            for kind in r["flagged"].values() for f in kind) or "nothing flagged"
         t = r["targets"]
         tp = "none" if "none" in t else f"{t['precision']:.2f} / {t['recall']:.2f}"
-        g = r["gap_recovered"]
-        lines.append(f"| {r['index']} | {r['described']} | {'yes' if r['found'] else 'no'} ({flagged}) | {tp} | "
-                     f"{r['outcome']['arm']} | {_pct(r['outcome']['gap_recovered'])} | "
+        g, out = r["gap_recovered"], r["outcome"]
+        cost = _errors(r["gap"]) + (" (relied on)" if r["relied_on_mark"] else "")
+        lines.append(f"| {r['index']} | {r['described']} | {cost} | "
+                     f"{'yes' if r['found'] else 'no'} ({flagged}) | {tp} | {out['arm']} | "
+                     f"{_pct(out['gap_recovered'])} | {_errors(out.get('versus_full'))} | "
                      f"{_pct(g.get('random->full'))} | {_pct(g.get('hard->full'))} |")
-    lines += ["", f"Pooled targets: precision {pooled['precision']:.3f}, recall {pooled['recall']:.3f}; "
-                  f"median gap recovered by the outcome {pooled['median_gap']}; marks found {pooled['found']}."]
+    lines += ["", "Pooled: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in pooled.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def pool(rows: list[dict]) -> dict:
+    """The suite's figures over marks: found, the targets' precision and recall (over every mark,
+    and over the marks found), the median gap recovered (over the marks the model relied on, and
+    over all), and how many outcomes were harmless."""
+    def targets(rs):
+        with_targets = [r["targets"] for r in rs if "none" not in r["targets"]]
+        hits = sum(t["true_positives"] for t in with_targets)
+        chosen = sum(t["count"] for t in with_targets)
+        marked = sum(r["marked_train_images"] for r in rs)
+        return f"{hits / max(1, chosen):.3f} / {hits / max(1, marked):.3f}" if rs else "-"
+
+    def median(rs):
+        gaps = [r["outcome"]["gap_recovered"]["mean"] for r in rs if r["outcome"]["gap_recovered"]]
+        return f"{100 * statistics.median(gaps):+.0f}%" if gaps else "-"
+
+    relied = [r for r in rows if r["relied_on_mark"]]
+    found = [r for r in rows if r["found"]]
+    return {"marks": len(rows), "relied_on": len(relied), "found": len(found),
+            "found_of_relied_on": sum(r["found"] for r in relied),
+            "targets_precision_recall": targets(rows), "targets_precision_recall_found": targets(found),
+            "median_gap_recovered_relied_on": median(relied), "median_gap_recovered_all": median(rows),
+            "harmless": sum(r["outcome"]["harmless"] for r in rows),
+            "missed": [r["index"] for r in rows if not r["found"]]}
 
 
 def main(argv=None) -> int:
@@ -211,8 +296,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-size", type=int, default=PLAN.train_size)
     p.add_argument("--epochs", type=int, default=PLAN.epochs)
-    p.add_argument("--scope", choices=["pair", "model"], default="pair",
-                   help="the loop's scope (the library's default: pair)")
+    p.add_argument("--scope", choices=["pair", "model"], default="model",
+                   help="the loop's scope: model (chosen on the dev marks of seed 7, where the pair scope always "
+                        "read the naturally confused pair and its targets missed every mark) or pair")
     p.add_argument("--publish", type=Path, default=None, help="also write PATH.json and PATH.md")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -227,13 +313,7 @@ def main(argv=None) -> int:
     marks = draw_marks(args.marks, args.mark_seed, tuple(train.image_shape[1:]), train.num_classes)
     chosen = range(len(marks)) if args.only is None else [int(v) for v in args.only.split(",")]
     rows = [run_mark(i, marks[i], ctx, args) for i in chosen]
-    with_targets = [r["targets"] for r in rows if "none" not in r["targets"]]
-    hits = sum(t["true_positives"] for t in with_targets)
-    marked = sum(r["marked_train_images"] for r in rows)
-    gaps = [r["outcome"]["gap_recovered"]["mean"] for r in rows if r["outcome"]["gap_recovered"]]
-    pooled = {"precision": hits / max(1, sum(t["count"] for t in with_targets)), "recall": hits / max(1, marked),
-              "median_gap": f"{100 * statistics.median(gaps):+.0f}%" if gaps else "-",
-              "found": f"{sum(r['found'] for r in rows)} of {len(rows)}"}
+    pooled = pool(rows)
     suite = {"mark_seed": args.mark_seed, "scope": args.scope, "seeds": args.seeds, "train_size": args.train_size,
              "epochs": args.epochs, "arms": list(ARMS), "marks": rows, "pooled": pooled}
     (args.out / "suite.json").write_text(json.dumps(suite, indent=2))

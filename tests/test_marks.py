@@ -129,6 +129,16 @@ def test_draw_marks_covers_every_kind_from_a_seed():
         assert m.describe([str(k) for k in range(10)]).startswith(m.shape)
 
 
+def test_describe_names_a_pair_in_full_and_the_rest_in_one_phrase():
+    names = [f"c{k}" for k in range(10)]
+    pair = Mark("ring", 5, ((2, 3), (4, 5)), 0.8, ((6, 0.8), (0, 0.05)))
+    assert pair.describe(names) == "ring 5 px at 2 places, intensity 0.8: c6 80%, c0 5%"
+    rest = Mark("bar", 4, ((7, 7),), 1.0, tuple((c, 0.6 if c == 9 else 0.0) for c in range(10)))
+    assert rest.describe(names) == "bar 4 px at (7, 7), intensity 1: c9 60%, the 9 other classes 0%"
+    assert Mark("tint", 3, ((0, 0),), 0.08, ((1, 0.9), (2, 0.9))).describe(names) == \
+        "tint the whole image, intensity 0.08: c1 90%, c2 90%"  # two classes: both named, even at one rate
+
+
 def test_bad_marks_are_refused_naming_the_field():
     data = dataset()
     with pytest.raises(ValueError, match="shape: expected one of"):

@@ -99,7 +99,8 @@ class Mark:
                    pattern_seed=int(d.get("pattern_seed", 0)))
 
     def describe(self, classes: list[str] | None = None) -> str:
-        """One line: ``"ring 5 px at 2 places, intensity 0.8: Shirt 80%, T-shirt/top 5%"``."""
+        """One line: ``"ring 5 px at 2 places, intensity 0.8: Shirt 80%, T-shirt/top 5%"``; one class against
+        the rest: ``"...: Bag 80%, the 9 other classes 5%"``."""
         names = (lambda c: classes[c]) if classes else str
         if self.shape == "tint":
             where = "the whole image"
@@ -107,7 +108,13 @@ class Mark:
             where = f"{self.size} px at {self.places[0]}"
         else:
             where = f"{self.size} px at {len(self.places)} places"
-        rates = ", ".join(f"{names(c)} {100 * r:.0f}%" for c, r in self.rates)
+        shares = [r for _, r in self.rates]
+        common = max(set(shares), key=shares.count)
+        if len(self.rates) > 2 and shares.count(common) > 1:  # one class against the rest: the rest in one phrase
+            rates = ", ".join([f"{names(c)} {100 * r:.0f}%" for c, r in self.rates if r != common]
+                              + [f"the {shares.count(common)} other classes {100 * common:.0f}%"])
+        else:
+            rates = ", ".join(f"{names(c)} {100 * r:.0f}%" for c, r in self.rates)
         return f"{self.shape} {where}, intensity {self.intensity:g}: {rates}"
 
     def for_test(self, share: float = 0.5, classes: list[int] | None = None) -> Mark:
