@@ -1,0 +1,113 @@
+"""The unseen-marks suite's scoring (scripts/unseen_shortcuts.py) against hand-computed figures.
+
+The suite publishes, per mark, the mark's cost, the share of the gap the loop's outcome recovers,
+whether the outcome is harmless, and whether a flagged prototype is the mark's. Each is checked
+here on numbers small enough to work out by hand: confusion matrices with known error counts, and
+a probe of four 2x2-cell images whose prototype assignment and marks are written out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from i2x.loop.planted import PlantedMark
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "unseen_shortcuts.py"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("unseen_shortcuts", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(errors: int) -> dict:
+    """A 2-class confusion matrix of 100 test images with ``errors`` of them wrong."""
+    return {"confusion": [[50 - errors, errors], [0, 50]]}
+
+
+def results(**per_arm: list[int]) -> dict:
+    return {"start": cell(40), "arms": {arm: {"seeds": {str(s): cell(e) for s, e in enumerate(errs)}}
+                                        for arm, errs in per_arm.items()}}
+
+
+def statistics_stdev(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def test_errors_gap_and_recovered_share_by_hand(suite):
+    r = results(**{"full->full": [30, 32, 34], "clean": [10, 12, 14], "transplanted->full": [20, 22, 14]})
+    assert suite.errors_of(cell(7)) == 7
+    gap = suite.gap_of(r)  # 20 errors on every seed: no spread
+    assert gap["mean"] == 20 and gap["std"] == 0
+    recovered = suite.gap_recovered(r, "transplanted->full")  # (30-20)/20, (32-22)/20, (34-14)/20
+    assert recovered["mean"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    half = 4.302653 * statistics_stdev([0.5, 0.5, 1.0]) / math.sqrt(3)  # t(0.975, 2 df)
+    assert recovered["lo"] == pytest.approx(recovered["mean"] - half, rel=1e-4)
+    versus = suite.versus_full(r, "transplanted->full")
+    assert versus["mean"] == pytest.approx((-10 - 10 - 20) / 3)
+
+
+def test_the_outcome_is_harmless_only_when_its_interval_clears_minus_five_percent(suite):
+    steady = results(**{"full->full": [30, 31, 32], "clean": [10, 11, 12], "curated->full": [31, 32, 33]})
+    out = suite.outcome_of(steady, "curated->full")  # -1/20 = -5% on every seed: the bound itself
+    assert out["gap_recovered"]["mean"] == pytest.approx(-0.05)
+    assert out["harmless"] is False  # "above -5%", strictly
+    better = results(**{"full->full": [30, 31, 32], "clean": [10, 11, 12], "curated->full": [29, 30, 31]})
+    assert suite.outcome_of(better, "curated->full")["harmless"] is True  # +5% on every seed
+    spread = results(**{"full->full": [30, 31, 32], "clean": [10, 11, 12], "curated->full": [30, 31, 31]})
+    # 0, 0, +5%: mean +1.7%, but the interval (t 4.30, sd 2.9%) reaches -5.5%: not shown harmless
+    assert suite.outcome_of(spread, "curated->full")["harmless"] is False
+    kept = suite.outcome_of(steady, None)  # nothing recommended: the user's plan is unchanged
+    assert kept["arm"] == "kept" and kept["gap_recovered"]["mean"] == 0.0 and kept["harmless"] is True
+    assert kept["start_errors"] == 40
+
+
+def test_a_prototype_is_the_marks_when_it_holds_it_and_appears_where_it_is(suite):
+    """Four probe images of 4x4 pixels on a 2x2 cell grid. The mark sits in the top-left cell of
+    images 0 and 1. Prototype 1 takes both marked cells (holds 2/2) and appears only in images 0
+    and 1 (marked 2/2); prototype 0 takes everything else."""
+    assignment = torch.zeros(4, 2, 2, dtype=torch.long)
+    assignment[0, 0, 0] = assignment[1, 0, 0] = 1
+    assignment[0, 1, 1] = 1  # a neighbouring cell of a marked image: still the mark's prototype
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, 0, 0] = True
+    planted = PlantedMark(dataset=None, marked=torch.tensor([True, True, False, False]),
+                          indices=torch.tensor([0, 1]), masks=masks)
+
+    class Store:
+        def probe(self):
+            return torch.arange(4), None
+
+        def read_tensors(self, name, keys):
+            return {"assignment": assignment}
+
+    on = suite.prototype_on_mark(Store(), planted)
+    assert on["holds"].tolist() == [0.0, 1.0]
+    assert on["marked"].tolist() == [0.5, 1.0]  # prototype 0 is in all four images, two marked
+
+
+def test_pooled_figures_by_hand(suite):
+    def row(i, found, relied, tp, count, marked, recovered):
+        return {"index": i, "found": found, "relied_on_mark": relied, "marked_train_images": marked,
+                "targets": {"true_positives": tp, "count": count},
+                "outcome": {"gap_recovered": {"mean": recovered}, "harmless": recovered > -0.05}}
+
+    rows = [row(0, True, True, 90, 100, 100, 0.9), row(1, False, True, 0, 50, 100, -0.5),
+            row(2, False, False, 0, 0, 100, 0.0)]
+    rows[2]["targets"] = {"none": "nothing flagged"}
+    pooled = suite.pool(rows)
+    assert pooled["targets_precision_recall"] == "0.600 / 0.300"  # 90 of 150 chosen, of 300 marked
+    assert pooled["targets_precision_recall_found"] == "0.900 / 0.900"
+    assert pooled["median_gap_recovered_relied_on"] == "+20%"  # median of 0.9 and -0.5
+    assert pooled["median_gap_recovered_all"] == "+0%"
+    assert (pooled["found"], pooled["found_of_relied_on"], pooled["harmless"]) == (1, 1, 2)
+    assert pooled["missed"] == [1, 2]
