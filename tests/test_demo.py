@@ -42,8 +42,11 @@ def demo(tmp_path_factory):
     """Start the quick demo, press Ctrl-C once training is done, then run it again to the end."""
     folder = tmp_path_factory.mktemp("demo") / "run"
     started = time.perf_counter()
+    # Ctrl-C as at a terminal: a shell starts background jobs with SIGINT ignored, and the child
+    # would inherit that (Python then installs no KeyboardInterrupt handler and the demo runs on).
     first = subprocess.Popen([sys.executable, "-m", "i2x", "demo", str(folder), "--quick"], cwd=folder.parent,
-                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not (folder / "weights.safetensors").exists() and first.poll() is None:
         assert time.monotonic() < deadline, "the demo did not finish training in 10 minutes"
