@@ -182,7 +182,7 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
         targets, no_targets = None, str(e)
     counterfactual = None
     if targets is not None:
-        counterfactual = counterfactual_split(store, model, validation, planted.dataset)
+        counterfactual = counterfactual_split(store, model, validation, planted.dataset, scope=args.scope)
     results = i2x.experiment(run, model, planted.dataset, test, arms=ARMS, seeds=args.seeds, scope=args.scope,
                              validation=validation, counterfactual=counterfactual,
                              clean=(ctx["clean_state"], ctx["train"]), batch_size=PLAN.batch_size,

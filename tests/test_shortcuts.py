@@ -349,3 +349,32 @@ def test_the_label_diagnosis_calls_the_planted_decoys_a_shortcut(decoy_run, tmp_
         if not set(pair) & set(DECOYED):
             assert kind != "shortcut", (pair, kind)
     assert any(kind == "shortcut" for kind in verdicts.values())
+
+
+def test_the_counterfactual_split_is_built_at_the_experiments_scope(decoy_run):
+    """The held-out copies the recommendation is decided on carry the decoys the model-wide rule
+    flags, moved into the classes that never have one (1 and 3): the planted squares themselves, at
+    a corner. The pair rule's copies stay inside the most confused pair."""
+    from i2x.apps.demo import counterfactual_split
+    from i2x.loop.strategies import batch_of
+
+    held, _ = decoy_set(n_per_class=60, seed=5)
+    store = i2x.RunStore.open(decoy_run["run"])
+    model, train = decoy_run["model"], decoy_run["data"]
+    copies = counterfactual_split(store, model, held, train, scope="model")
+    assert copies is not None
+    x, y = batch_of(copies, torch.arange(len(copies)))
+    corners = [(0, 0), (0, 28 - SQUARE), (28 - SQUARE, 0), (28 - SQUARE, 28 - SQUARE)]
+
+    def carries_the_bright_decoy(image):
+        return any(bool((image[0, t:t + SQUARE, s:s + SQUARE] == 1.5).all()) for t, s in corners)
+
+    undecoyed = [k for k in range(len(y)) if int(y[k]) not in DECOYED]
+    assert undecoyed, y.tolist()
+    assert any(carries_the_bright_decoy(x[k]) for k in undecoyed)
+    plain = [i for i in range(len(held)) if int(held.labels[i]) not in DECOYED]
+    assert not any(carries_the_bright_decoy(held.images[i]) for i in plain)  # only a pasted square is
+    pair = tuple(decoy_run["analysis"].data["uncertainty"][0]["pair"])
+    pair_copies = counterfactual_split(store, model, held, train)  # the library's default: the pair
+    if pair_copies is not None:
+        assert set(batch_of(pair_copies, torch.arange(len(pair_copies)))[1].tolist()) <= set(pair)

@@ -317,13 +317,15 @@ VALIDATION_SIZE = 2_000
 _CONTROLS = ("full->full", "full", "random->full", "random", "hard->full", "hard", "pairup->full", "pairup")
 
 
-def counterfactual_split(store, model, validation, train, device=None, memory_budget=None):
-    """The held-out images' counterfactual copies: targets found on them by the run's own rule
-    (not saved: the run's targets stay the training set's), each flagged cue pasted into a held-out
-    image of the other class (:meth:`Targets.counterfactual`). None when nothing is flagged there."""
+def counterfactual_split(store, model, validation, train, device=None, memory_budget=None, scope: str = "pair"):
+    """The held-out images' counterfactual copies: targets found on them by the run's own rule at
+    the experiment's ``scope`` (not saved: the run's targets stay the training set's), each flagged
+    cue pasted into a held-out image of another class (the pair's other class, or with
+    ``scope="model"`` any other class: :meth:`Targets.counterfactual`). None when nothing is
+    flagged there."""
     try:
         held = find_targets(store.path, model, validation, device=device, save=False, probe_dataset=train,
-                            memory_budget=memory_budget)
+                            memory_budget=memory_budget, scope=scope)
         return held.counterfactual(validation, seed=0)
     except NothingToCurate:
         return None
