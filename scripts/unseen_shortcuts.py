@@ -141,16 +141,24 @@ def versus_full(results: dict, arm: str) -> dict | None:
 
 
 def outcome_of(results: dict, arm: str | None) -> dict:
-    """What a user who follows the loop ends with. An arm: its gap recovered and its errors against
-    ``full->full``; harmless when the gap-recovered interval lies above -5%. No arm: the loop says to
-    keep the model, so it changes nothing in the user's plan (keep it, or train on as they would
-    have: ``full->full``): 0% recovered, no harm by construction; the kept model's own test errors
-    are recorded beside it (it has the arms' fine-tuning epochs fewer, so it is not compared)."""
+    """What a user who follows the loop ends with. An arm: its errors against ``full->full`` (worse
+    when that interval lies above 0) and, where the mark cost errors (``full->full`` above ``clean``
+    on average), its share of the gap recovered, harmless when that interval lies above -5%. Where
+    the mark cost nothing the share divides by a gap of about 0 or below (its sign would flip), so
+    it is left out and ``harmless`` is the errors' test: not worse. No arm: the loop says to keep
+    the model, so it changes nothing in the user's plan (keep it, or train on as they would have:
+    ``full->full``): 0% recovered, no harm by construction; the kept model's own test errors are
+    recorded beside it (it has the arms' fine-tuning epochs fewer, so it is not compared)."""
     if arm is None:
         return {"arm": "kept", "gap_recovered": {"mean": 0.0, "lo": None, "hi": None, "n": 0}, "harmless": True,
-                "start_errors": errors_of(results["start"])}
+                "worse": False, "start_errors": errors_of(results["start"])}
+    versus = versus_full(results, arm)
+    worse = bool(versus and versus["lo"] is not None and versus["lo"] > 0)
+    gap = gap_of(results)
+    if gap is None or gap["mean"] <= 0:
+        return {"arm": arm, "gap_recovered": None, "versus_full": versus, "harmless": not worse, "worse": worse}
     recovered = gap_recovered(results, arm)
-    return {"arm": arm, "gap_recovered": recovered, "versus_full": versus_full(results, arm),
+    return {"arm": arm, "gap_recovered": recovered, "versus_full": versus, "worse": worse,
             "harmless": bool(recovered and recovered["lo"] is not None and recovered["lo"] > -0.05)}
 
 
@@ -244,15 +252,19 @@ def _errors(c: dict | None) -> str:
 
 
 def markdown(rows: list[dict], pooled: dict) -> str:
-    lines = ["| # | mark | cost: full->full - clean errors | found (prototype: share on the mark) | "
+    lines = ["| # | mark | cost: full->full - clean errors | found (flagged prototypes; the closest: holds / marked) | "
              "targets precision / recall | outcome | gap recovered | outcome - full->full errors | "
              "random->full | hard->full |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        flagged = ", ".join(f"{f['prototype']}: {100 * f['holds']:.0f}/{100 * f['marked']:.0f}%"
-                            for kind in r["flagged"].values() for f in kind) or "nothing flagged"
+        flags = [f for kind in r["flagged"].values() for f in kind]
+        closest = max(flags, key=lambda f: f["holds"] * f["marked"], default=None)
+        flagged = (f"{len(flags)} flagged; closest {closest['prototype']}: {100 * closest['holds']:.0f}% / "
+                   f"{100 * closest['marked']:.0f}%" if closest else "nothing flagged")
         t = r["targets"]
         tp = "none" if "none" in t else f"{t['precision']:.2f} / {t['recall']:.2f}"
-        g, out = r["gap_recovered"], r["outcome"]
+        # where the mark cost nothing, a share of its gap divides by about 0 or less: left out
+        g = r["gap_recovered"] if r["gap"] and r["gap"]["mean"] > 0 else {}
+        out = r["outcome"]
         cost = _errors(r["gap"]) + (" (relied on)" if r["relied_on_mark"] else "")
         lines.append(f"| {r['index']} | {r['described']} | {cost} | "
                      f"{'yes' if r['found'] else 'no'} ({flagged}) | {tp} | {out['arm']} | "
@@ -274,7 +286,7 @@ def pool(rows: list[dict]) -> dict:
         return f"{hits / max(1, chosen):.3f} / {hits / max(1, marked):.3f}" if rs else "-"
 
     def median(rs):
-        gaps = [r["outcome"]["gap_recovered"]["mean"] for r in rs if r["outcome"]["gap_recovered"]]
+        gaps = [r["outcome"]["gap_recovered"]["mean"] for r in rs if r["outcome"].get("gap_recovered")]
         return f"{100 * statistics.median(gaps):+.0f}%" if gaps else "-"
 
     relied = [r for r in rows if r["relied_on_mark"]]
@@ -284,6 +296,7 @@ def pool(rows: list[dict]) -> dict:
             "targets_precision_recall": targets(rows), "targets_precision_recall_found": targets(found),
             "median_gap_recovered_relied_on": median(relied), "median_gap_recovered_all": median(rows),
             "harmless": sum(r["outcome"]["harmless"] for r in rows),
+            "worse_than_full": [r["index"] for r in rows if r["outcome"].get("worse")],
             "missed": [r["index"] for r in rows if not r["found"]]}
 
 

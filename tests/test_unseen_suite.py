@@ -66,6 +66,11 @@ def test_the_outcome_is_harmless_only_when_its_interval_clears_minus_five_percen
     spread = results(**{"full->full": [30, 31, 32], "clean": [10, 11, 12], "curated->full": [30, 31, 31]})
     # 0, 0, +5%: mean +1.7%, but the interval (t 4.30, sd 2.9%) reaches -5.5%: not shown harmless
     assert suite.outcome_of(spread, "curated->full")["harmless"] is False
+    # the mark cost nothing (clean above full->full): no share of a gap, the errors decide
+    free = results(**{"full->full": [30, 31, 32], "clean": [40, 41, 42], "curated->full": [35, 36, 37]})
+    out = suite.outcome_of(free, "curated->full")  # +5 errors on every seed: worse
+    assert out["gap_recovered"] is None and out["worse"] is True and out["harmless"] is False
+    assert suite.outcome_of(steady, "curated->full")["worse"] is True  # +1 on every seed, no spread
     kept = suite.outcome_of(steady, None)  # nothing recommended: the user's plan is unchanged
     assert kept["arm"] == "kept" and kept["gap_recovered"]["mean"] == 0.0 and kept["harmless"] is True
     assert kept["start_errors"] == 40
