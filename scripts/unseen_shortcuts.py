@@ -235,20 +235,13 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
     return figures
 
 
-def _pct(c: dict | None) -> str:
+def _interval(c: dict | None, percent: bool = False) -> str:
+    """``"+1.0 [-2.0, +4.0]"`` (errors, one decimal) or, with ``percent``, a share as ``"+20% [+14, +25]"``."""
     if not c:
         return "-"
-    if c.get("lo") is None:
-        return f"{100 * c['mean']:+.0f}%"
-    return f"{100 * c['mean']:+.0f}% [{100 * c['lo']:+.0f}, {100 * c['hi']:+.0f}]"
-
-
-def _errors(c: dict | None) -> str:
-    if not c:
-        return "-"
-    if c.get("lo") is None:
-        return f"{c['mean']:+.1f}"
-    return f"{c['mean']:+.1f} [{c['lo']:+.1f}, {c['hi']:+.1f}]"
+    scale, form, unit = (100, "+.0f", "%") if percent else (1, "+.1f", "")
+    mean = f"{scale * c['mean']:{form}}{unit}"
+    return mean if c.get("lo") is None else f"{mean} [{scale * c['lo']:{form}}, {scale * c['hi']:{form}}]"
 
 
 def markdown(rows: list[dict], pooled: dict) -> str:
@@ -265,11 +258,12 @@ def markdown(rows: list[dict], pooled: dict) -> str:
         # where the mark cost nothing, a share of its gap divides by about 0 or less: left out
         g = r["gap_recovered"] if r["gap"] and r["gap"]["mean"] > 0 else {}
         out = r["outcome"]
-        cost = _errors(r["gap"]) + (" (relied on)" if r["relied_on_mark"] else "")
+        cost = _interval(r["gap"]) + (" (relied on)" if r["relied_on_mark"] else "")
         lines.append(f"| {r['index']} | {r['described']} | {cost} | "
                      f"{'yes' if r['found'] else 'no'} ({flagged}) | {tp} | {out['arm']} | "
-                     f"{_pct(out['gap_recovered'])} | {_errors(out.get('versus_full'))} | "
-                     f"{_pct(g.get('random->full'))} | {_pct(g.get('hard->full'))} |")
+                     f"{_interval(out['gap_recovered'], percent=True)} | {_interval(out.get('versus_full'))} | "
+                     f"{_interval(g.get('random->full'), percent=True)} | "
+                     f"{_interval(g.get('hard->full'), percent=True)} |")
     lines += ["", "Pooled: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in pooled.items()) + "."]
     return "\n".join(lines) + "\n"
 

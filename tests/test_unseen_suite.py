@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -38,11 +39,6 @@ def results(**per_arm: list[int]) -> dict:
                                         for arm, errs in per_arm.items()}}
 
 
-def statistics_stdev(values):
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def test_errors_gap_and_recovered_share_by_hand(suite):
     r = results(**{"full->full": [30, 32, 34], "clean": [10, 12, 14], "transplanted->full": [20, 22, 14]})
     assert suite.errors_of(cell(7)) == 7
@@ -50,7 +46,7 @@ def test_errors_gap_and_recovered_share_by_hand(suite):
     assert gap["mean"] == 20 and gap["std"] == 0
     recovered = suite.gap_recovered(r, "transplanted->full")  # (30-20)/20, (32-22)/20, (34-14)/20
     assert recovered["mean"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
-    half = 4.302653 * statistics_stdev([0.5, 0.5, 1.0]) / math.sqrt(3)  # t(0.975, 2 df)
+    half = 4.302653 * statistics.stdev([0.5, 0.5, 1.0]) / math.sqrt(3)  # t(0.975, 2 df)
     assert recovered["lo"] == pytest.approx(recovered["mean"] - half, rel=1e-4)
     versus = suite.versus_full(r, "transplanted->full")
     assert versus["mean"] == pytest.approx((-10 - 10 - 20) / 3)
