@@ -442,14 +442,8 @@ def test_no_recommendation_when_nothing_beats_the_controls_or_nothing_was_held_o
     assert recommendation(no_val)["arm"] is None and "no validation images" in recommendation(no_val)["reason"]
 
 
-def test_with_counterfactual_copies_the_recommendation_weighs_both_held_out_measures():
-    from i2x.loop.experiments import recommendation
-
-    controls = {"full->full": [20, 22, 21], "random->full": [21, 20, 22]}
-    # On the plain validation images neither arm beats the controls: each relied less on the cue,
-    # which was predictive there. On the cue's counterfactual copies both do.
-    val = {**controls, "transplanted->full": [23, 24, 23], "curated->full": [34, 35, 36]}
-    moved = {**controls, "transplanted->full": [5, 6, 4], "curated->full": [8, 9, 7]}
+def _with_copies(val: dict, moved: dict) -> dict:
+    """Fake pair results with plain validation ``val`` and counterfactual copies ``moved`` per seed."""
     results = _fake_results(val, val)
     for arm, entry in results["arms"].items():
         for s, cell in entry["seeds"].items():
@@ -459,22 +453,41 @@ def test_with_counterfactual_copies_the_recommendation_weighs_both_held_out_meas
                              test_size=100, seeds=[0, 1, 2])
     results["pair"] = [0, 1]
     summarize(results)
+    return results
+
+
+def test_with_counterfactual_copies_an_arm_must_also_beat_full_full_on_the_plain_images():
+    from i2x.loop.experiments import recommendation
+
+    controls = {"full->full": [20, 22, 21], "random->full": [21, 20, 22]}
+    # transplanted wins the copies by most but makes more plain validation errors than full->full
+    # (+3, +2, +2): the copies reward the arm that trains on pasted regions whatever they are, so it
+    # is refused. curated wins both (-2, -2, -1 on the plain images: interval below 0).
+    val = {**controls, "transplanted->full": [23, 24, 23], "curated->full": [18, 20, 20]}
+    moved = {**controls, "transplanted->full": [5, 6, 4], "curated->full": [10, 11, 9]}
+    results = _with_copies(val, moved)
     rec = results["recommendation"]
-    # Summed per seed: transplanted [28, 30, 27] against full->full [40, 44, 42] and random->full
-    # [42, 40, 44]: below both; curated's counterfactual gain is bought with more plain errors
-    # ([42, 44, 43]): not below.
-    assert rec["arm"] == "transplanted->full" and rec["decided_on"] == "decision", rec
-    entry = results["summary"]["transplanted->full"]["decision"]
-    assert entry["comparisons"]["full->full"] == paired_interval([28 - 40, 30 - 44, 27 - 42])
-    assert results["summary"]["curated->full"]["decision"]["comparisons"]["full->full"]["hi"] > 0
+    # Summed per seed: curated [28, 31, 29] against full->full [40, 44, 42] and random->full
+    # [42, 40, 44]: below both; transplanted [28, 30, 27] is lower but refused.
+    assert rec["arm"] == "curated->full" and rec["decided_on"] == "decision", rec
+    entry = results["summary"]["curated->full"]["decision"]
+    assert entry["comparisons"]["full->full"] == paired_interval([28 - 40, 31 - 44, 29 - 42])
+    assert rec["refused"] == {"transplanted->full": paired_interval([3, 2, 2])}
     assert "held-out (validation + counterfactual)" in rec["reason"] and rec == recommendation(results)
     assert "and 40 counterfactual copies of them" in results_markdown(results)
-    # without the copies the same validation numbers recommend nothing
-    for entry in results["arms"].values():
-        for cell in entry["seeds"].values():
-            del cell["counterfactual"]
+    # curated no better on the plain images on average (+1, -1, 0): refused too, the model is kept
+    even = _with_copies({**val, "curated->full": [21, 21, 21]}, moved)["recommendation"]
+    assert even["arm"] is None and set(even["refused"]) == {"transplanted->full", "curated->full"}
+    assert even["refused"]["curated->full"] == paired_interval([1, -1, 0])
+    assert even["reason"].startswith("transplanted->full (+2.3 [")
+    assert even["reason"].endswith("keep the model")
+    # fewer on average but not beyond noise (-1, -1, 0): refused as well
+    noisy = _with_copies({**val, "curated->full": [19, 21, 21]}, moved)["recommendation"]
+    assert noisy["arm"] is None and "curated->full" in noisy["refused"]
+    # without the copies the plain validation alone decides, with nothing refused for it
+    results = _fake_results(val, val)
     summarize(results)
-    assert results["recommendation"]["arm"] is None
+    assert results["recommendation"]["arm"] is None and results["recommendation"]["refused"] == {}
 
 
 def test_an_experiment_evaluates_every_cell_on_the_counterfactual_copies(setup, tmp_path):

@@ -366,9 +366,9 @@ def _best_arm(results: dict | None) -> dict | None:
             "seeds": entry["seeds"], "against": against, "beats_controls": _beats(against),
             "recommended": bool(rec.get("arm")), "recommendation": rec.get("reason"),
             "validation_size": results.get("config", {}).get("validation_size"),
-            # the plain held-out images alone against full->full: the check to make before adopting
-            # an arm chosen with counterfactual copies (they favour the transplant by construction)
-            "plain_held_out": ((entry.get("validation") or {}).get("comparisons") or {}).get("full->full"),
+            # arms that won only with the counterfactual copies, worse than full->full on the plain
+            # held-out images (the recommendation refuses them; the line says so)
+            "refused": rec.get("refused") or {},
             "counterfactual_size": results.get("config", {}).get("counterfactual_size")}
 
 
@@ -440,12 +440,12 @@ def summary_lines(summary: dict) -> list[str]:
     held = best.get("validation_size")
     moved = f" + {best['counterfactual_size']} counterfactual copies" if best.get("counterfactual_size") else ""
     if best.get("recommended"):
-        plain = best.get("plain_held_out")
-        check = ""
-        if moved and plain and plain["mean"] > 0:  # docs/limits.md: keep the model in this case
-            check = (f"; but on the plain held-out images alone it did worse than full->full "
-                     f"({_interval(plain)}): check before adopting it (docs/limits.md)")
-        lines.append(f"recommended   {what} (chosen on {held} held-out training images{moved}){check}")
+        lines.append(f"recommended   {what} (chosen on {held} held-out training images{moved})")
+    elif held and best.get("refused"):
+        refused = "; ".join(f"{arm} {_interval(plain) if plain else '(no full->full)'}"
+                            for arm, plain in best["refused"].items())
+        lines.append(f"no arm won    the copies favoured an arm no better than full->full on the {held} plain "
+                     f"held-out images ({refused}): keep the model; the lowest on test was {what}")
     elif held:
         lines.append(f"no arm won    none beat the controls on {held} held-out training images{moved}: keep the model; "
                      f"the lowest on test was {what}")
