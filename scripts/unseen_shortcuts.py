@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import i2x
 from i2x.apps.demo import DEMO_PLANS, counterfactual_split, held_out, train_run
@@ -81,25 +80,10 @@ def errors_of(cell: dict) -> int:
 
 
 def prototype_on_mark(store: RunStore, planted) -> dict[str, torch.Tensor]:
-    """Per prototype (``[K]`` each), against the planted truth over the probe: ``holds``, the share
-    of the mark's cells (probe cells whose box touches marked pixels) assigned to it; ``marked``,
-    the share of the probe images it appears in that carry the mark. A prototype is the mark's when
-    both are above one half: it takes most of the mark, and it appears mostly where the mark is.
-    (The share of its own cells on the mark is no test: the layer's receptive field spreads a small
-    mark over the neighbouring cells, so the mark's prototype also holds cells beside it.)"""
+    """Per prototype of the run, against the planted truth over the probe: ``holds`` and ``marked``
+    (:meth:`PlantedMark.prototype_shares`)."""
     indices, _ = store.probe()
-    assignment = store.read_tensors("prototypes", ["assignment"])["assignment"]
-    k = int(assignment.max()) + 1
-    masks = planted.pixel_masks()[indices][:, None].float()
-    on_mark = F.adaptive_max_pool2d(masks, tuple(assignment.shape[1:]))[:, 0] > 0
-    marked = planted.marked[indices]
-    holds, in_marked = torch.zeros(k), torch.zeros(k)
-    for j in range(k):
-        cells = assignment == j
-        holds[j] = float((on_mark & cells).sum()) / max(1, int(on_mark.sum()))
-        present = cells.flatten(1).any(1)
-        in_marked[j] = float(marked[present].float().mean()) if present.any() else 0.0
-    return {"holds": holds, "marked": in_marked}
+    return planted.prototype_shares(indices, store.read_tensors("prototypes", ["assignment"])["assignment"])
 
 
 def flagged_prototypes(analysis: dict) -> dict[str, list[int]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from i2x._internal.checks import check_int, check_number, describe
 from i2x.data import ImageDataset
@@ -47,6 +48,29 @@ class PlantedMark:
         out = torch.zeros(len(self.marked), *self.masks.shape[1:], dtype=torch.bool)
         out[self.indices] = self.masks
         return out
+
+    def prototype_shares(self, indices: torch.Tensor, assignment: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How a prototype assignment ``[N, h, w]`` over the images ``indices [N]`` of the dataset
+        meets the mark, per prototype (``[K]`` each): ``holds``, the share of the mark's cells
+        (cells whose box touches marked pixels) assigned to it; ``marked``, the share of the images
+        it appears in that carry the mark. A prototype is the mark's own when both are above one
+        half: it takes most of the mark, and it appears mostly where the mark is. (The share of its
+        own cells on the mark is no test: a layer's receptive field spreads a small mark over the
+        neighbouring cells, so the mark's prototype also holds cells beside it.)"""
+        if assignment.dim() != 3 or assignment.shape[0] != len(indices):
+            raise ValueError(f"assignment: expected [len(indices), h, w] = [{len(indices)}, h, w], "
+                             f"got {list(assignment.shape)}")
+        k = int(assignment.max()) + 1
+        masks = self.pixel_masks()[indices][:, None].float()
+        on_mark = F.adaptive_max_pool2d(masks, tuple(assignment.shape[1:]))[:, 0] > 0
+        marked = self.marked[indices]
+        holds, in_marked = torch.zeros(k), torch.zeros(k)
+        for j in range(k):
+            cells = assignment == j
+            holds[j] = float((on_mark & cells).sum()) / max(1, int(on_mark.sum()))
+            present = cells.flatten(1).any(1)
+            in_marked[j] = float(marked[present].float().mean()) if present.any() else 0.0
+        return {"holds": holds, "marked": in_marked}
 
 
 @dataclass(frozen=True)

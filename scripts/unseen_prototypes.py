@@ -1,0 +1,119 @@
+"""Would more prototypes, or a finer layer, give a small mark a prototype of its own?
+
+    python -P scripts/unseen_prototypes.py OUT --mark-seed 2026 --marks 12 --only 0,1,8
+                                           [--k 16,32,64] [--layer layer2] [--with-square]
+
+OUT is a folder of ``scripts/unseen_shortcuts.py`` (its mark runs must be trained). For each mark
+the run's final model is loaded, its features at ``--layer`` (default: the run's target layer) are
+computed on the run's own probe images (marked as in training), and the prototypes are fitted
+again with each ``--k`` (``i2x.track.prototypes.fit_prototypes``, the library's defaults). Against
+the planted truth (:meth:`PlantedMark.prototype_shares`) it reports per K:
+
+- the prototype closest to the mark (largest ``holds x marked``): the share of the mark's cells it
+  holds, and the share of the images it appears in that carry the mark (the mark's own when both
+  are above one half, the suite's "found" test before any flag);
+- the prototypes that appear (almost) only in marked images (>= 90% of their images marked) and
+  the share of the mark's cells they hold together: what a cut could take without touching
+  unmarked images.
+
+Nothing in the run folder is changed. Prints a table and writes ``OUT/prototypes-refit-LAYER.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from i2x.data import load_dataset, training_subset
+from i2x.loop.planted import draw_marks
+from i2x.models import build_model
+from i2x.store import RunStore
+from i2x.track.prototypes import fit_prototypes
+
+PURE = 0.9  # a prototype appears "only in marked images" above this share
+
+
+def _suite():
+    """The suite script's recipe (its plan and the first square), without running it."""
+    spec = importlib.util.spec_from_file_location("unseen_shortcuts", Path(__file__).with_name("unseen_shortcuts.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def layer_features(run: Path, dataset, layer: str | None) -> torch.Tensor:
+    """``[N, C, h, w]``: the run's final model at ``layer`` on its probe images of ``dataset``."""
+    store = RunStore.open(run)
+    net, default_layer = build_model("small-resnet", dataset.num_classes, in_channels=dataset.image_shape[0])
+    net.load_state_dict(store.read_weights())
+    net.eval()
+    modules = dict(net.named_modules())
+    name = layer or default_layer
+    if name not in modules:
+        raise ValueError(f"--layer: the model has no module {name!r} (e.g. {default_layer!r})")
+    indices, _ = store.probe()
+    images = torch.stack([dataset[int(i)][0] for i in indices])
+    out: list[torch.Tensor] = []
+    hook = modules[name].register_forward_hook(lambda module, args, output: out.append(output.detach()))
+    try:
+        with torch.no_grad():
+            for batch in images.split(256):
+                net(batch)
+    finally:
+        hook.remove()
+    return torch.cat(out)
+
+
+def refit(features: torch.Tensor, planted, indices: torch.Tensor, k: int) -> dict:
+    """Prototypes fitted anew with ``k`` clusters, scored against the planted mark."""
+    prototypes = fit_prototypes(lambda: iter(features.split(256)), n_prototypes=k,
+                                pca_dim=min(64, features.shape[1]))
+    shares = planted.prototype_shares(indices, prototypes.assignment)
+    closest = int((shares["holds"] * shares["marked"]).argmax())
+    pure = (shares["marked"] >= PURE).nonzero().flatten()
+    return {"k": k, "closest": {"prototype": closest, "holds": round(float(shares["holds"][closest]), 3),
+                                "marked": round(float(shares["marked"][closest]), 3)},
+            "own": bool(shares["holds"][closest] > 0.5 and shares["marked"][closest] > 0.5),
+            "pure_prototypes": pure.tolist(), "pure_hold": round(float(shares["holds"][pure].sum()), 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--mark-seed", type=int, required=True)
+    p.add_argument("--marks", type=int, default=12)
+    p.add_argument("--with-square", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated mark numbers (default all)")
+    p.add_argument("--k", default="16,32,64", help="comma-separated prototype counts")
+    p.add_argument("--layer", default=None, help="the layer to cluster (default: the run's target layer)")
+    args = p.parse_args(argv)
+    suite = _suite()
+    train, _ = training_subset(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size, seed=0)
+    marks = draw_marks(args.marks, args.mark_seed, tuple(train.image_shape[1:]), train.num_classes)
+    if args.with_square:
+        marks.append(suite.FIRST_SQUARE)
+    chosen = range(len(marks)) if args.only is None else [int(v) for v in args.only.split(",")]
+    rows = []
+    for i in chosen:
+        run = args.out / f"mark-{i:02d}" / "run"
+        if not (run / "weights.safetensors").exists():
+            raise SystemExit(f"{run}: no trained run (run scripts/unseen_shortcuts.py on {args.out} first)")
+        planted = marks[i].plant(train, seed=i)  # as the suite planted it
+        indices, _ = RunStore.open(run).probe()
+        features = layer_features(run, planted.dataset, args.layer)
+        fits = [refit(features, planted, indices, int(k)) for k in args.k.split(",")]
+        rows.append({"index": i, "described": marks[i].describe(train.classes), "layer": args.layer or "default",
+                     "grid": list(features.shape[2:]), "fits": fits})
+        cells = " | ".join(f"{f['closest']['holds']:.2f} / {f['closest']['marked']:.2f}{' (own)' if f['own'] else ''}; "
+                           f"{len(f['pure_prototypes'])} pure, {f['pure_hold']:.2f}" for f in fits)
+        print(f"| {i}: {rows[-1]['described']} | {cells} |", flush=True)
+    (args.out / f"prototypes-refit-{args.layer or 'default'}.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
