@@ -479,11 +479,15 @@ def test_with_counterfactual_copies_an_arm_must_also_beat_full_full_on_the_plain
     even = _with_copies({**val, "curated->full": [21, 21, 21]}, moved)["recommendation"]
     assert even["arm"] is None and set(even["refused"]) == {"transplanted->full", "curated->full"}
     assert even["refused"]["curated->full"] == paired_interval([1, -1, 0])
-    assert even["reason"].startswith("transplanted->full (+2.3 [")
+    assert even["reason"].startswith("transplanted->full (+2.3 [") and "] * against full->full)" in even["reason"]
     assert even["reason"].endswith("keep the model")
     # fewer on average but not beyond noise (-1, -1, 0): refused as well
     noisy = _with_copies({**val, "curated->full": [19, 21, 21]}, moved)["recommendation"]
     assert noisy["arm"] is None and "curated->full" in noisy["refused"]
+    # a one-stage arm is held to full on the plain images: curated [18, 20, 20] against full [20, 22, 21]
+    one = _with_copies({**val, "full": [20, 22, 21], "curated": [18, 20, 20]},
+                       {**moved, "full": [20, 22, 21], "curated": [10, 11, 9]})["recommendation"]
+    assert one["arm"] in ("curated", "curated->full") and "curated" not in one["refused"], one
     # without the copies the plain validation alone decides, with nothing refused for it
     results = _fake_results(val, val)
     summarize(results)
