@@ -2,6 +2,7 @@
 
     python -P scripts/unseen_prototypes.py OUT --mark-seed 2026 --marks 12 --only 0,1,8
                                            [--k 16,32,64] [--layer layer2] [--with-square]
+    python -P scripts/unseen_prototypes.py OUT --mark-seed 2027 --only 0,3,9 --own-targets
 
 OUT is a folder of ``scripts/unseen_shortcuts.py`` (its mark runs must be trained). For each mark
 the run's final model is loaded, its features at ``--layer`` (default: the run's target layer) are
@@ -16,6 +17,12 @@ the planted truth (:meth:`PlantedMark.prototype_shares`) it reports per K:
   the share of the mark's cells they hold together: what a cut could take without touching
   unmarked images.
 
+With ``--own-targets`` it asks instead where the targets' precision goes on a mark that was
+found: the model-wide targets (``find_targets(scope="model")``, nothing saved) from the mark's own
+flagged prototype alone (the one the suite's "found" test named: a choice made with the truth,
+so a ceiling, not a rule), with the per-class cap (0.5) and without it (1.0), against the suite's
+default targets from every flagged prototype. Writes ``OUT/own-targets.json``.
+
 Nothing in the run folder is changed. Prints a table and writes ``OUT/prototypes-refit-LAYER.json``.
 """
 
@@ -29,6 +36,7 @@ from pathlib import Path
 import torch
 
 from i2x.data import load_dataset, training_subset
+from i2x.loop import find_targets
 from i2x.loop.planted import draw_marks
 from i2x.models import build_model
 from i2x.store import RunStore
@@ -45,12 +53,17 @@ def _suite():
     return module
 
 
+def final_model(store: RunStore, dataset) -> tuple[torch.nn.Module, str]:
+    """The run's final model (the suite's recipe) and its target layer's name."""
+    net, layer = build_model("small-resnet", dataset.num_classes, in_channels=dataset.image_shape[0])
+    net.load_state_dict(store.read_weights())
+    return net.eval(), layer
+
+
 def layer_features(run: Path, dataset, layer: str | None) -> torch.Tensor:
     """``[N, C, h, w]``: the run's final model at ``layer`` on its probe images of ``dataset``."""
     store = RunStore.open(run)
-    net, default_layer = build_model("small-resnet", dataset.num_classes, in_channels=dataset.image_shape[0])
-    net.load_state_dict(store.read_weights())
-    net.eval()
+    net, default_layer = final_model(store, dataset)
     modules = dict(net.named_modules())
     name = layer or default_layer
     if name not in modules:
@@ -81,6 +94,26 @@ def refit(features: torch.Tensor, planted, indices: torch.Tensor, k: int) -> dic
             "pure_prototypes": pure.tolist(), "pure_hold": round(float(shares["holds"][pure].sum()), 3)}
 
 
+def own_targets(run: Path, planted, figures: dict) -> dict:
+    """Precision and recall of the targets from the mark's own flagged prototype(s) alone, with the
+    per-class cap and without it; None where no flagged prototype is the mark's."""
+    own = [f["prototype"] for f in figures["flagged"].get("reading", []) if f["holds"] > 0.5 and f["marked"] > 0.5]
+    out: dict = {"own_prototypes": own, "default": {k: figures["targets"].get(k) for k in ("precision", "recall")}}
+    if not own:
+        return out
+    store = RunStore.open(run)
+    model, _ = final_model(store, planted.dataset)
+    for cap in (0.5, 1.0):
+        targets = find_targets(store.path, model, planted.dataset, scope="model", prototypes=own, save=False,
+                               max_fraction=cap)
+        chosen = torch.zeros(len(planted.dataset), dtype=torch.bool)
+        chosen[targets.target_indices] = True
+        hits = int((chosen & planted.marked).sum())
+        out[f"cap {cap:g}"] = {"count": int(chosen.sum()), "precision": round(hits / max(1, int(chosen.sum())), 3),
+                               "recall": round(hits / max(1, int(planted.marked.sum())), 3)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -90,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated mark numbers (default all)")
     p.add_argument("--k", default="16,32,64", help="comma-separated prototype counts")
     p.add_argument("--layer", default=None, help="the layer to cluster (default: the run's target layer)")
+    p.add_argument("--own-targets", action="store_true",
+                   help="targets from the mark's own flagged prototype alone, against the default targets")
     args = p.parse_args(argv)
     suite = _suite()
     train, _ = training_subset(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size, seed=0)
@@ -103,6 +138,16 @@ def main(argv=None) -> int:
         if not (run / "weights.safetensors").exists():
             raise SystemExit(f"{run}: no trained run (run scripts/unseen_shortcuts.py on {args.out} first)")
         planted = marks[i].plant(train, seed=i)  # as the suite planted it
+        if args.own_targets:
+            figures = json.loads((args.out / "marks" / f"{i:02d}.json").read_text())
+            rows.append({"index": i, "described": marks[i].describe(train.classes),
+                         **own_targets(run, planted, figures)})
+            r = rows[-1]
+            caps = " | ".join(f"{r[c]['precision']:.2f} / {r[c]['recall']:.2f}" if c in r else "-"
+                              for c in ("cap 0.5", "cap 1"))
+            print(f"| {i}: {r['described']} | {r['own_prototypes']} | {r['default']['precision']:.2f} / "
+                  f"{r['default']['recall']:.2f} | {caps} |", flush=True)
+            continue
         indices, _ = RunStore.open(run).probe()
         features = layer_features(run, planted.dataset, args.layer)
         fits = [refit(features, planted, indices, int(k)) for k in args.k.split(",")]
@@ -111,7 +156,8 @@ def main(argv=None) -> int:
         cells = " | ".join(f"{f['closest']['holds']:.2f} / {f['closest']['marked']:.2f}{' (own)' if f['own'] else ''}; "
                            f"{len(f['pure_prototypes'])} pure, {f['pure_hold']:.2f}" for f in fits)
         print(f"| {i}: {rows[-1]['described']} | {cells} |", flush=True)
-    (args.out / f"prototypes-refit-{args.layer or 'default'}.json").write_text(json.dumps(rows, indent=2))
+    name = "own-targets" if args.own_targets else f"prototypes-refit-{args.layer or 'default'}"
+    (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     return 0
 
 
