@@ -21,7 +21,11 @@ With ``--own-targets`` it asks instead where the targets' precision goes on a ma
 found: the model-wide targets (``find_targets(scope="model")``, nothing saved) from the mark's own
 flagged prototype alone (the one the suite's "found" test named: a choice made with the truth,
 so a ceiling, not a rule), with the per-class cap (0.5) and without it (1.0), against the suite's
-default targets from every flagged prototype. Writes ``OUT/own-targets.json``.
+default targets from every flagged prototype, and for every flagged prototype one label-free
+candidate for telling the mark's own from the garment parts: how cleanly its targets score (its
+share of the true class's CAM) splits the images of the class it was flagged for (Otsu's
+separability within that class; a mark on part of a class splits it, a part every image of the
+class has does not). Writes ``OUT/own-targets.json``.
 
 Nothing in the run folder is changed. Prints a table and writes ``OUT/prototypes-refit-LAYER.json``.
 """
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from i2x._internal.otsu import otsu_threshold, separability
 from i2x.data import load_dataset, training_subset
 from i2x.loop import find_targets
 from i2x.loop.planted import draw_marks
@@ -99,10 +104,18 @@ def own_targets(run: Path, planted, figures: dict) -> dict:
     per-class cap and without it; None where no flagged prototype is the mark's."""
     own = [f["prototype"] for f in figures["flagged"].get("reading", []) if f["holds"] > 0.5 and f["marked"] > 0.5]
     out: dict = {"own_prototypes": own, "default": {k: figures["targets"].get(k) for k in ("precision", "recall")}}
-    if not own:
-        return out
     store = RunStore.open(run)
     model, _ = final_model(store, planted.dataset)
+    flagged_for = {x["prototype"]: x["class"] for x in store.read_json("analysis")["shortcuts"]["ranking"]
+                   if x.get("flagged")}
+    out["within_class_separability"] = {}
+    for k, c in flagged_for.items():
+        scores = find_targets(store.path, model, planted.dataset, scope="model", prototypes=[k], save=False,
+                              max_fraction=1.0)
+        own_class = scores.scores[scores.labels == c].double()
+        out["within_class_separability"][k] = round(separability(own_class, otsu_threshold(own_class)), 3)
+    if not own:
+        return out
     for cap in (0.5, 1.0):
         targets = find_targets(store.path, model, planted.dataset, scope="model", prototypes=own, save=False,
                                max_fraction=cap)
@@ -145,8 +158,10 @@ def main(argv=None) -> int:
             r = rows[-1]
             caps = " | ".join(f"{r[c]['precision']:.2f} / {r[c]['recall']:.2f}" if c in r else "-"
                               for c in ("cap 0.5", "cap 1"))
+            within = ", ".join(f"{k}{'*' if k in r['own_prototypes'] else ''} {v:.2f}"
+                               for k, v in sorted(r["within_class_separability"].items(), key=lambda kv: -kv[1]))
             print(f"| {i}: {r['described']} | {r['own_prototypes']} | {r['default']['precision']:.2f} / "
-                  f"{r['default']['recall']:.2f} | {caps} |", flush=True)
+                  f"{r['default']['recall']:.2f} | {caps} | {within} |", flush=True)
             continue
         indices, _ = RunStore.open(run).probe()
         features = layer_features(run, planted.dataset, args.layer)
