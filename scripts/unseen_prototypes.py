@@ -3,6 +3,7 @@
     python -P scripts/unseen_prototypes.py OUT --mark-seed 2026 --marks 12 --only 0,1,8
                                            [--k 16,32,64] [--layer layer2] [--with-square]
     python -P scripts/unseen_prototypes.py OUT --mark-seed 2027 --only 0,3,9 --own-targets
+    python -P scripts/unseen_prototypes.py OUT --mark-seed 2027 --only 3,9 --own-experiment
 
 OUT is a folder of ``scripts/unseen_shortcuts.py`` (its mark runs must be trained). For each mark
 the run's final model is loaded, its features at ``--layer`` (default: the run's target layer) are
@@ -27,7 +28,13 @@ share of the true class's CAM) splits the images of the class it was flagged for
 separability within that class; a mark on part of a class splits it, a part every image of the
 class has does not). Writes ``OUT/own-targets.json``.
 
-Nothing in the run folder is changed. Prints a table and writes ``OUT/prototypes-refit-LAYER.json``.
+With ``--own-experiment`` it asks what the fine-tuning could do with those targets: the suite's
+experiment (3 paired seeds, the same recipe, the marked test set, the shared clean model) in a
+copy of the mark's run (``OUT/own-experiment/mark-NN/run``), on the targets from the mark's own
+prototype without the cap, over the suite's two-stage arms and the two that act in both stages
+(``curated->curated``, ``transplanted->transplanted``). Writes ``OUT/own-experiment.json``.
+
+Nothing in the suite's run folders is changed. Prints a table and writes ``OUT/prototypes-refit-LAYER.json``.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
+import i2x
 from i2x._internal.otsu import otsu_threshold, separability
 from i2x.data import load_dataset, training_subset
 from i2x.loop import find_targets
@@ -127,6 +136,34 @@ def own_targets(run: Path, planted, figures: dict) -> dict:
     return out
 
 
+OWN_ARMS = ("full->full", "curated->full", "transplanted->full", "curated->curated", "transplanted->transplanted",
+            "clean")
+
+
+def own_experiment(suite, out: Path, i: int, mark, train, planted, figures: dict, test) -> dict:
+    """The suite's experiment on the targets of the mark's own flagged prototype (no cap), in a copy
+    of the mark's run; the share of the gap each arm recovers and its errors against full->full."""
+    own = [f["prototype"] for f in figures["flagged"].get("reading", []) if f["holds"] > 0.5 and f["marked"] > 0.5]
+    if not own:
+        return {"own_prototypes": own}
+    run = out / "own-experiment" / f"mark-{i:02d}" / "run"
+    if not run.exists():  # the trained run without the suite's targets and experiment
+        shutil.copytree(out / f"mark-{i:02d}" / "run", run,
+                        ignore=shutil.ignore_patterns("experiment", "targets.*", ".i2x-lock"))
+    store = RunStore.open(run)
+    model, _ = final_model(store, planted.dataset)
+    clean, _ = final_model(RunStore.open(out / "clean"), train)
+    targets = find_targets(run, model, planted.dataset, scope="model", prototypes=own, save=False, max_fraction=1.0)
+    results = i2x.experiment(run, model, planted.dataset, mark.for_test().plant(test, seed=2_000 + i).dataset,
+                             arms=OWN_ARMS, seeds=3, scope="model", targets=targets,
+                             clean=({k: v.detach().clone() for k, v in clean.state_dict().items()}, train),
+                             batch_size=suite.PLAN.batch_size)
+    return {"own_prototypes": own, "gap": suite.gap_of(results),
+            "arms": {arm: {"gap_recovered": suite.gap_recovered(results, arm),
+                           "versus_full": suite.versus_full(results, arm)}
+                     for arm in OWN_ARMS if arm not in ("clean", "full->full")}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -138,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=None, help="the layer to cluster (default: the run's target layer)")
     p.add_argument("--own-targets", action="store_true",
                    help="targets from the mark's own flagged prototype alone, against the default targets")
+    p.add_argument("--own-experiment", action="store_true",
+                   help="the suite's experiment on those targets, with the arms that act in both stages too")
     args = p.parse_args(argv)
     suite = _suite()
     train, _ = training_subset(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size, seed=0)
@@ -151,6 +190,16 @@ def main(argv=None) -> int:
         if not (run / "weights.safetensors").exists():
             raise SystemExit(f"{run}: no trained run (run scripts/unseen_shortcuts.py on {args.out} first)")
         planted = marks[i].plant(train, seed=i)  # as the suite planted it
+        if args.own_experiment:
+            figures = json.loads((args.out / "marks" / f"{i:02d}.json").read_text())
+            test = load_dataset("fashion-mnist", train=False)
+            rows.append({"index": i, "described": marks[i].describe(train.classes),
+                         **own_experiment(suite, args.out, i, marks[i], train, planted, figures, test)})
+            r = rows[-1]
+            arms = " | ".join(f"{arm} {suite._interval(v['gap_recovered'], percent=True)}"
+                              for arm, v in r.get("arms", {}).items())
+            print(f"| {i}: {r['described']} | {r['own_prototypes']} | {arms} |", flush=True)
+            continue
         if args.own_targets:
             figures = json.loads((args.out / "marks" / f"{i:02d}.json").read_text())
             rows.append({"index": i, "described": marks[i].describe(train.classes),
@@ -171,7 +220,8 @@ def main(argv=None) -> int:
         cells = " | ".join(f"{f['closest']['holds']:.2f} / {f['closest']['marked']:.2f}{' (own)' if f['own'] else ''}; "
                            f"{len(f['pure_prototypes'])} pure, {f['pure_hold']:.2f}" for f in fits)
         print(f"| {i}: {rows[-1]['described']} | {cells} |", flush=True)
-    name = "own-targets" if args.own_targets else f"prototypes-refit-{args.layer or 'default'}"
+    name = ("own-experiment" if args.own_experiment else "own-targets" if args.own_targets
+            else f"prototypes-refit-{args.layer or 'default'}")
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     return 0
 
