@@ -117,3 +117,25 @@ def test_pooled_figures_by_hand(suite):
     assert pooled["median_gap_recovered_all"] == "+0%"
     assert (pooled["found"], pooled["found_of_relied_on"], pooled["harmless"]) == (1, 1, 2)
     assert pooled["missed"] == [1, 2]
+
+
+def test_refitting_prototypes_finds_a_mark_with_features_of_its_own():
+    """scripts/unseen_prototypes.py's refit, on features written out: 8 images on a 2x2 grid, every
+    cell the same vector except the top-left cell of the 4 marked images, which holds the mark's own
+    vector. With 2 prototypes one takes exactly the mark's cells: it holds all of them (1.0) and
+    appears only in marked images (1.0), so it is the mark's own and the only pure one."""
+    spec = importlib.util.spec_from_file_location("unseen_prototypes", SCRIPT.with_name("unseen_prototypes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(0)
+    features = torch.zeros(8, 4, 2, 2)
+    features[:, 0] = 1.0
+    features[:4, :, 0, 0] = torch.tensor([0.0, 10.0, 0.0, 0.0])  # the mark: another direction
+    features += 0.01 * torch.randn(features.shape, generator=g)
+    masks = torch.zeros(4, 4, 4, dtype=torch.bool)
+    masks[:, :2, :2] = True  # the top-left 2x2 pixels: the top-left cell of a 2x2 grid
+    planted = PlantedMark(dataset=None, marked=torch.arange(8) < 4, indices=torch.arange(4), masks=masks)
+    fit = module.refit(features, planted, torch.arange(8), 2)
+    assert fit["own"] is True
+    assert (fit["closest"]["holds"], fit["closest"]["marked"]) == (1.0, 1.0)
+    assert fit["pure_prototypes"] == [fit["closest"]["prototype"]] and fit["pure_hold"] == 1.0
