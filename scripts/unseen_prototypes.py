@@ -104,21 +104,27 @@ def refit(features: torch.Tensor, planted, indices: torch.Tensor, k: int) -> dic
     pure = (shares["marked"] >= PURE).nonzero().flatten()
     return {"k": k, "closest": {"prototype": closest, "holds": round(float(shares["holds"][closest]), 3),
                                 "marked": round(float(shares["marked"][closest]), 3)},
-            "own": bool(shares["holds"][closest] > 0.5 and shares["marked"][closest] > 0.5),
+            "own": bool(shares["own"][closest]),
             "pure_prototypes": pure.tolist(), "pure_hold": round(float(shares["holds"][pure].sum()), 3)}
 
 
-def own_targets(run: Path, planted, figures: dict) -> dict:
+def own_prototypes(suite, figures: dict) -> list[int]:
+    """The flagged prototypes of the model-wide reading that the suite found to be the mark's own."""
+    return [f["prototype"] for f in figures["flagged"].get("reading", []) if suite.is_own(f)]
+
+
+def own_targets(suite, run: Path, planted, figures: dict) -> dict:
     """Precision and recall of the targets from the mark's own flagged prototype(s) alone, with the
-    per-class cap and without it; None where no flagged prototype is the mark's."""
-    own = [f["prototype"] for f in figures["flagged"].get("reading", []) if f["holds"] > 0.5 and f["marked"] > 0.5]
+    per-class cap and without it (left out where no flagged prototype is the mark's), and each
+    flagged prototype's split within the class it was flagged for."""
+    own = own_prototypes(suite, figures)
     out: dict = {"own_prototypes": own, "default": {k: figures["targets"].get(k) for k in ("precision", "recall")}}
     store = RunStore.open(run)
     model, _ = final_model(store, planted.dataset)
     flagged_for = {x["prototype"]: x["class"] for x in store.read_json("analysis")["shortcuts"]["ranking"]
                    if x.get("flagged")}
     out["within_class_separability"] = {}
-    for k, c in flagged_for.items():
+    for k, c in flagged_for.items():  # one scoring pass each: Targets keeps only the max over prototypes
         scores = find_targets(store.path, model, planted.dataset, scope="model", prototypes=[k], save=False,
                               max_fraction=1.0)
         own_class = scores.scores[scores.labels == c].double()
@@ -128,11 +134,7 @@ def own_targets(run: Path, planted, figures: dict) -> dict:
     for cap in (0.5, 1.0):
         targets = find_targets(store.path, model, planted.dataset, scope="model", prototypes=own, save=False,
                                max_fraction=cap)
-        chosen = torch.zeros(len(planted.dataset), dtype=torch.bool)
-        chosen[targets.target_indices] = True
-        hits = int((chosen & planted.marked).sum())
-        out[f"cap {cap:g}"] = {"count": int(chosen.sum()), "precision": round(hits / max(1, int(chosen.sum())), 3),
-                               "recall": round(hits / max(1, int(planted.marked.sum())), 3)}
+        out[f"cap {cap:g}"] = suite.targets_against(targets.target_indices, planted)
     return out
 
 
@@ -143,7 +145,7 @@ OWN_ARMS = ("full->full", "curated->full", "transplanted->full", "curated->curat
 def own_experiment(suite, out: Path, i: int, mark, train, planted, figures: dict, test) -> dict:
     """The suite's experiment on the targets of the mark's own flagged prototype (no cap), in a copy
     of the mark's run; the share of the gap each arm recovers and its errors against full->full."""
-    own = [f["prototype"] for f in figures["flagged"].get("reading", []) if f["holds"] > 0.5 and f["marked"] > 0.5]
+    own = own_prototypes(suite, figures)
     if not own:
         return {"own_prototypes": own}
     run = out / "own-experiment" / f"mark-{i:02d}" / "run"
@@ -184,42 +186,39 @@ def main(argv=None) -> int:
     if args.with_square:
         marks.append(suite.FIRST_SQUARE)
     chosen = range(len(marks)) if args.only is None else [int(v) for v in args.only.split(",")]
+    test = load_dataset("fashion-mnist", train=False) if args.own_experiment else None
     rows = []
     for i in chosen:
         run = args.out / f"mark-{i:02d}" / "run"
         if not (run / "weights.safetensors").exists():
             raise SystemExit(f"{run}: no trained run (run scripts/unseen_shortcuts.py on {args.out} first)")
         planted = marks[i].plant(train, seed=i)  # as the suite planted it
-        if args.own_experiment:
+        row = {"index": i, "described": marks[i].describe(train.classes)}
+        if args.own_experiment or args.own_targets:
             figures = json.loads((args.out / "marks" / f"{i:02d}.json").read_text())
-            test = load_dataset("fashion-mnist", train=False)
-            rows.append({"index": i, "described": marks[i].describe(train.classes),
-                         **own_experiment(suite, args.out, i, marks[i], train, planted, figures, test)})
-            r = rows[-1]
-            arms = " | ".join(f"{arm} {suite._interval(v['gap_recovered'], percent=True)}"
-                              for arm, v in r.get("arms", {}).items())
-            print(f"| {i}: {r['described']} | {r['own_prototypes']} | {arms} |", flush=True)
-            continue
-        if args.own_targets:
-            figures = json.loads((args.out / "marks" / f"{i:02d}.json").read_text())
-            rows.append({"index": i, "described": marks[i].describe(train.classes),
-                         **own_targets(run, planted, figures)})
-            r = rows[-1]
-            caps = " | ".join(f"{r[c]['precision']:.2f} / {r[c]['recall']:.2f}" if c in r else "-"
-                              for c in ("cap 0.5", "cap 1"))
-            within = ", ".join(f"{k}{'*' if k in r['own_prototypes'] else ''} {v:.2f}"
-                               for k, v in sorted(r["within_class_separability"].items(), key=lambda kv: -kv[1]))
-            print(f"| {i}: {r['described']} | {r['own_prototypes']} | {r['default']['precision']:.2f} / "
-                  f"{r['default']['recall']:.2f} | {caps} | {within} |", flush=True)
-            continue
-        indices, _ = RunStore.open(run).probe()
-        features = layer_features(run, planted.dataset, args.layer)
-        fits = [refit(features, planted, indices, int(k)) for k in args.k.split(",")]
-        rows.append({"index": i, "described": marks[i].describe(train.classes), "layer": args.layer or "default",
-                     "grid": list(features.shape[2:]), "fits": fits})
-        cells = " | ".join(f"{f['closest']['holds']:.2f} / {f['closest']['marked']:.2f}{' (own)' if f['own'] else ''}; "
-                           f"{len(f['pure_prototypes'])} pure, {f['pure_hold']:.2f}" for f in fits)
-        print(f"| {i}: {rows[-1]['described']} | {cells} |", flush=True)
+            if args.own_experiment:
+                row.update(own_experiment(suite, args.out, i, marks[i], train, planted, figures, test))
+                cells = " | ".join(f"{arm} {suite._interval(v['gap_recovered'], percent=True)}"
+                                   for arm, v in row.get("arms", {}).items())
+            else:
+                row.update(own_targets(suite, run, planted, figures))
+                caps = " | ".join(f"{row[c]['precision']:.2f} / {row[c]['recall']:.2f}" if c in row else "-"
+                                  for c in ("cap 0.5", "cap 1"))
+                within = ", ".join(f"{k}{'*' if k in row['own_prototypes'] else ''} {v:.2f}" for k, v in
+                                   sorted(row["within_class_separability"].items(), key=lambda kv: -kv[1]))
+                cells = (f"{row['default']['precision']:.2f} / {row['default']['recall']:.2f} | {caps} | "
+                         f"{within}")
+            print(f"| {i}: {row['described']} | {row['own_prototypes']} | {cells} |", flush=True)
+        else:
+            indices, _ = RunStore.open(run).probe()
+            features = layer_features(run, planted.dataset, args.layer)
+            fits = [refit(features, planted, indices, int(k)) for k in args.k.split(",")]
+            row.update(layer=args.layer or "default", grid=list(features.shape[2:]), fits=fits)
+            cells = " | ".join(f"{f['closest']['holds']:.2f} / {f['closest']['marked']:.2f}"
+                               f"{' (own)' if f['own'] else ''}; {len(f['pure_prototypes'])} pure, "
+                               f"{f['pure_hold']:.2f}" for f in fits)
+            print(f"| {i}: {row['described']} | {cells} |", flush=True)
+        rows.append(row)
     name = ("own-experiment" if args.own_experiment else "own-targets" if args.own_targets
             else f"prototypes-refit-{args.layer or 'default'}")
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2))

@@ -55,7 +55,7 @@ from i2x.apps.demo import DEMO_PLANS, counterfactual_split, held_out, train_run
 from i2x.data import load_dataset, training_subset
 from i2x.loop import find_targets
 from i2x.loop.experiments import paired_interval
-from i2x.loop.planted import Mark, draw_marks
+from i2x.loop.planted import OWN_SHARE, Mark, draw_marks
 from i2x.loop.targets import NothingToCurate, load_targets
 from i2x.store import RunStore
 
@@ -84,6 +84,21 @@ def prototype_on_mark(store: RunStore, planted) -> dict[str, torch.Tensor]:
     (:meth:`PlantedMark.prototype_shares`)."""
     indices, _ = store.probe()
     return planted.prototype_shares(indices, store.read_tensors("prototypes", ["assignment"])["assignment"])
+
+
+def is_own(entry: dict) -> bool:
+    """Whether a prototype's figures (``holds``, ``marked``: :meth:`PlantedMark.prototype_shares`)
+    make it the mark's own."""
+    return entry["holds"] > OWN_SHARE and entry["marked"] > OWN_SHARE
+
+
+def targets_against(target_indices: torch.Tensor, planted) -> dict:
+    """The targets against the marked training images: how many, how many marked, precision, recall."""
+    chosen = torch.zeros(len(planted.dataset), dtype=torch.bool)
+    chosen[target_indices] = True
+    hits = int((chosen & planted.marked).sum())
+    return {"count": int(chosen.sum()), "true_positives": hits, "precision": hits / max(1, int(chosen.sum())),
+            "recall": hits / max(1, int(planted.marked.sum()))}
 
 
 def flagged_prototypes(analysis: dict) -> dict[str, list[int]]:
@@ -195,18 +210,13 @@ def run_mark(i: int, mark, ctx: dict, args) -> dict:
         "index": i, "mark": mark.to_dict(), "described": mark.describe(classes),
         "marked_train_images": int(planted.marked.sum()),
         "top_pair": flagged["top_pair"], "flagged": found,
-        "found": any(f["holds"] > 0.5 and f["marked"] > 0.5 for kind in found.values() for f in kind),
+        "found": any(is_own(f) for kind in found.values() for f in kind),
         "most_on_mark": entry(best),
     }
     if targets is None:
         figures["targets"] = {"none": no_targets}
     else:
-        chosen = torch.zeros(len(planted.dataset), dtype=torch.bool)
-        chosen[targets.target_indices] = True
-        hits = int((chosen & planted.marked).sum())
-        figures["targets"] = {"count": int(chosen.sum()), "true_positives": hits,
-                              "precision": hits / max(1, int(chosen.sum())),
-                              "recall": hits / max(1, int(planted.marked.sum()))}
+        figures["targets"] = targets_against(targets.target_indices, planted)
     rec = results["recommendation"]
     figures["recommended"] = rec.get("arm")
     figures["recommendation"] = rec.get("reason")

@@ -94,6 +94,9 @@ def test_a_prototype_is_the_marks_when_it_holds_it_and_appears_where_it_is(suite
     on = suite.prototype_on_mark(Store(), planted)
     assert on["holds"].tolist() == [0.0, 1.0]
     assert on["marked"].tolist() == [0.5, 1.0]  # prototype 0 is in all four images, two marked
+    assert on["own"].tolist() == [False, True]  # both shares above one half: prototype 1 alone
+    assert [suite.is_own({"holds": h, "marked": m}) for h, m in ((0.0, 0.5), (1.0, 1.0), (0.5, 1.0))] == [
+        False, True, False]  # "above one half", strictly
     # the same over a subset of the images: 0 and 2 (one marked); prototype 1 is only in image 0
     sub = planted.prototype_shares(torch.tensor([0, 2]), assignment[[0, 2]])
     assert sub["holds"].tolist() == [0.0, 1.0] and sub["marked"].tolist() == [0.5, 1.0]

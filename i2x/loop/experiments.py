@@ -271,8 +271,8 @@ def recommendation(results: dict) -> dict:
     measures summed (:data:`DECISION_SPLITS`); an arm that won there but was not also better than
     ``full->full`` (``full`` for a one-stage arm) on the plain validation images alone (95% interval
     below 0) is refused and listed under ``"refused"`` with that interval (:data:`PLAIN_REFERENCE`).
-    ``{"arm": None, "reason": ...}``
-    when no arm qualifies (keep the model) or the experiment held no images out."""
+    ``{"arm": None, "reason": ...}`` when no arm qualifies (keep the model) or the experiment held
+    no images out."""
     summary = results.get("summary") or {}
     key = measure_of(results)
     measure = "pair confusions" if key == "pair_confusions" else "errors"

@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from i2x._internal.checks import check_int, check_number, describe
 from i2x.data import ImageDataset
 
-__all__ = ["PlantedMark", "Mark", "SHAPES", "plant_mark", "draw_marks"]
+__all__ = ["PlantedMark", "Mark", "SHAPES", "OWN_SHARE", "plant_mark", "draw_marks"]
+
+#: A prototype is a mark's own when it holds more than this share of the mark's cells and more than
+#: this share of the images it appears in carry the mark (:meth:`PlantedMark.prototype_shares`).
+OWN_SHARE = 0.5
 
 #: The kinds of mark. ``tint`` adds ``intensity`` to every pixel (its mask is the whole image);
 #: the others paint ``intensity`` into a ``size x size`` box.
@@ -53,8 +57,8 @@ class PlantedMark:
         """How a prototype assignment ``[N, h, w]`` over the images ``indices [N]`` of the dataset
         meets the mark, per prototype (``[K]`` each): ``holds``, the share of the mark's cells
         (cells whose box touches marked pixels) assigned to it; ``marked``, the share of the images
-        it appears in that carry the mark. A prototype is the mark's own when both are above one
-        half: it takes most of the mark, and it appears mostly where the mark is. (The share of its
+        it appears in that carry the mark; ``own`` (bool): both above :data:`OWN_SHARE`, one half:
+        it takes most of the mark, and it appears mostly where the mark is. (The share of its
         own cells on the mark is no test: a layer's receptive field spreads a small mark over the
         neighbouring cells, so the mark's prototype also holds cells beside it.)"""
         if assignment.dim() != 3 or assignment.shape[0] != len(indices):
@@ -70,7 +74,7 @@ class PlantedMark:
             holds[j] = float((on_mark & cells).sum()) / max(1, int(on_mark.sum()))
             present = cells.flatten(1).any(1)
             in_marked[j] = float(marked[present].float().mean()) if present.any() else 0.0
-        return {"holds": holds, "marked": in_marked}
+        return {"holds": holds, "marked": in_marked, "own": (holds > OWN_SHARE) & (in_marked > OWN_SHARE)}
 
 
 @dataclass(frozen=True)
