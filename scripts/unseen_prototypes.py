@@ -4,6 +4,7 @@
                                            [--k 16,32,64] [--layer layer2] [--with-square]
     python -P scripts/unseen_prototypes.py OUT --mark-seed 2027 --only 0,3,9 --own-targets
     python -P scripts/unseen_prototypes.py OUT --mark-seed 2027 --only 3,9 --own-experiment
+    python -P scripts/unseen_prototypes.py OUT --mark-seed 2027 --only 0,3,9 --own-pick
 
 OUT is a folder of ``scripts/unseen_shortcuts.py`` (its mark runs must be trained). For each mark
 the run's final model is loaded, its features at ``--layer`` (default: the run's target layer) are
@@ -27,6 +28,10 @@ candidate for telling the mark's own from the garment parts: how cleanly its tar
 share of the true class's CAM) splits the images of the class it was flagged for (Otsu's
 separability within that class; a mark on part of a class splits it, a part every image of the
 class has does not). Writes ``OUT/own-targets.json``.
+
+With ``--own-pick`` it asks whether the loop could have picked that prototype itself: every
+flagged prototype ranked by six statistics it has without the truth (:func:`own_pick`), and the
+mark's own prototype's rank by each. Writes ``OUT/own-pick.json``.
 
 With ``--own-experiment`` it asks what the fine-tuning could do with those targets: the suite's
 experiment (3 paired seeds, the same recipe, the marked test set, the shared clean model) in a
@@ -138,6 +143,46 @@ def own_targets(suite, run: Path, planted, figures: dict) -> dict:
     return out
 
 
+#: The label-free statistics ``--own-pick`` ranks the flagged prototypes by (see :func:`own_pick`).
+PICK_STATISTICS = ("score", "concentration", "presence", "spread", "within_class_separability", "flip_per_area")
+
+
+def own_pick(suite, run: Path, planted, figures: dict, validation) -> dict:
+    """Could a statistic the loop has without the truth tell the mark's own flagged prototype from
+    the others? Per flagged prototype of the model-wide reading: its ``score``, ``concentration``
+    (its saliency share over its area share) and ``presence`` (share of its class's probe images it
+    appears in) from the analysis; ``spread``: the mean distance of its probe cells to their
+    centroid over that of every cell (a mark is the same pixels every time: is it tighter?);
+    the within-class separability of ``--own-targets``; and ``flip_per_area``: its region pasted
+    into held-out images of other classes (the counterfactual copies made from this prototype
+    alone), the share of them the model then answers with the donor's class (beyond what it did
+    before the paste) per share of the image pasted. Returns each statistic per prototype and the
+    own prototype's rank (1 = largest) among the flagged ones."""
+    own = own_prototypes(suite, figures)
+    store = RunStore.open(run)
+    model, _ = final_model(store, planted.dataset)
+    flagged = {x["prototype"]: x for x in store.read_json("analysis")["shortcuts"]["ranking"] if x.get("flagged")}
+    tensors = store.read_tensors("prototypes", ["assignment", "distances"])
+    assignment, distances = tensors["assignment"], tensors["distances"]
+    within = own_targets(suite, run, planted, figures)["within_class_separability"]
+    stats: dict[int, dict] = {}
+    for k, x in flagged.items():
+        moved = find_targets(run, model, validation, save=False, probe_dataset=planted.dataset, scope="model",
+                             prototypes=[k]).transplanted(validation, seed=0)
+        donor_class = validation.labels[moved.donors]
+        with torch.no_grad():
+            after = model(torch.stack([moved[int(r)][0] for r in moved.recipients])).argmax(1)
+            before = model(torch.stack([validation[int(r)][0] for r in moved.recipients])).argmax(1)
+        flip = float((after == donor_class).float().mean() - (before == donor_class).float().mean())
+        stats[k] = {"score": x["score"], "concentration": x["concentration"], "presence": x["presence"],
+                    "spread": float(distances[assignment == k].mean() / distances.mean()),
+                    "within_class_separability": within[k],
+                    "flip_per_area": flip / float(moved.masks.float().mean())}
+    ranks = {name: sorted(stats, key=lambda k: -stats[k][name]).index(own[0]) + 1
+             for name in PICK_STATISTICS} if own else {}
+    return {"own_prototypes": own, "flagged": len(stats), "statistics": stats, "own_rank": ranks}
+
+
 OWN_ARMS = ("full->full", "curated->full", "transplanted->full", "curated->curated", "transplanted->transplanted",
             "clean")
 
@@ -177,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--layer", default=None, help="the layer to cluster (default: the run's target layer)")
     p.add_argument("--own-targets", action="store_true",
                    help="targets from the mark's own flagged prototype alone, against the default targets")
+    p.add_argument("--own-pick", action="store_true",
+                   help="rank the flagged prototypes by label-free statistics: is the mark's own first?")
     p.add_argument("--own-experiment", action="store_true",
                    help="the suite's experiment on those targets, with the arms that act in both stages too")
     args = p.parse_args(argv)
@@ -187,6 +234,8 @@ def main(argv=None) -> int:
         marks.append(suite.FIRST_SQUARE)
     chosen = range(len(marks)) if args.only is None else [int(v) for v in args.only.split(",")]
     test = load_dataset("fashion-mnist", train=False) if args.own_experiment else None
+    validation = (suite.held_out(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size,
+                                 suite.VALIDATION_SIZE) if args.own_pick else None)
     rows = []
     for i in chosen:
         run = args.out / f"mark-{i:02d}" / "run"
@@ -194,9 +243,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"{run}: no trained run (run scripts/unseen_shortcuts.py on {args.out} first)")
         planted = marks[i].plant(train, seed=i)  # as the suite planted it
         row = {"index": i, "described": marks[i].describe(train.classes)}
-        if args.own_experiment or args.own_targets:
+        if args.own_experiment or args.own_targets or args.own_pick:
             figures = json.loads((args.out / "marks" / f"{i:02d}.json").read_text())
-            if args.own_experiment:
+            if args.own_pick:
+                row.update(own_pick(suite, run, planted, figures, marks[i].plant(validation, seed=1_000 + i).dataset))
+                cells = " | ".join(f"{row['own_rank'].get(name, '-')}" for name in PICK_STATISTICS)
+                cells = f"{row['flagged']} flagged | {cells}"
+            elif args.own_experiment:
                 row.update(own_experiment(suite, args.out, i, marks[i], train, planted, figures, test))
                 cells = " | ".join(f"{arm} {suite._interval(v['gap_recovered'], percent=True)}"
                                    for arm, v in row.get("arms", {}).items())
@@ -219,7 +272,8 @@ def main(argv=None) -> int:
                                f"{f['pure_hold']:.2f}" for f in fits)
             print(f"| {i}: {row['described']} | {cells} |", flush=True)
         rows.append(row)
-    name = ("own-experiment" if args.own_experiment else "own-targets" if args.own_targets
+    name = ("own-pick" if args.own_pick else "own-experiment" if args.own_experiment
+            else "own-targets" if args.own_targets
             else f"prototypes-refit-{args.layer or 'default'}")
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     return 0

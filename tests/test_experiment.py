@@ -442,6 +442,32 @@ def test_no_recommendation_when_nothing_beats_the_controls_or_nothing_was_held_o
     assert recommendation(no_val)["arm"] is None and "no validation images" in recommendation(no_val)["reason"]
 
 
+def test_an_arm_that_acts_in_both_stages_is_held_to_controls_that_act_in_both():
+    from i2x.loop.experiments import control_arms
+
+    assert control_arms("curated->curated", "random") == ("random->random", "random->full")
+    assert control_arms("transplanted->full", "hard") == ("hard->full",)
+    assert control_arms("curated", "random") == ("random",)
+    assert control_arms("random->random", "random") == ("random->full",)  # never itself
+    assert control_arms("full->full", "random") == ("random->full",)
+    controls = {"full->full": [20, 22, 21], "random->full": [26, 27, 25], "hard->full": [24, 25, 26]}
+    # curated->curated beats the ->full controls by far (its last stage also leaves the marked images
+    # out) but not random->random, which does the same at random: that is the control it meets
+    val = {**controls, "random->random": [15, 16, 15], "hard->hard": [18, 18, 19], "curated->curated": [15, 15, 16],
+           "curated->full": [19, 21, 20]}
+    results = _fake_results(val, val)
+    summary = summarize(results)
+    assert set(summary["curated->curated"]["comparisons"]) == {"full->full", "random->random", "hard->hard"}
+    assert summary["curated->curated"]["validation"]["comparisons"]["random->random"] == paired_interval([0, -1, 1])
+    assert set(summary["curated->full"]["comparisons"]) == {"full->full", "random->full", "hard->full"}
+    assert results["recommendation"]["arm"] == "curated->full"  # below all three of its own controls
+    # without the matched controls in the experiment, the ->full ones stand in
+    alone = _fake_results({k: v for k, v in val.items() if k not in ("random->random", "hard->hard")},
+                          {k: v for k, v in val.items() if k not in ("random->random", "hard->hard")})
+    assert set(summarize(alone)["curated->curated"]["comparisons"]) == {"full->full", "random->full", "hard->full"}
+    assert alone["recommendation"]["arm"] == "curated->curated"
+
+
 def _with_copies(val: dict, moved: dict) -> dict:
     """Fake pair results with plain validation ``val`` and counterfactual copies ``moved`` per seed."""
     results = _fake_results(val, val)

@@ -52,6 +52,18 @@ def test_errors_gap_and_recovered_share_by_hand(suite):
     assert versus["mean"] == pytest.approx((-10 - 10 - 20) / 3)
 
 
+def test_against_full_full_on_a_held_out_split_reads_that_splits_errors(suite):
+    r = results(**{"full->full": [30, 32, 34], "curated->curated": [20, 22, 14]})
+    for arm, held in (("full->full", [100, 90, 80]), ("curated->curated", [104, 95, 81])):
+        for s, e in enumerate(held):
+            r["arms"][arm]["seeds"][str(s)]["validation"] = {"errors": e}
+    assert suite.versus_full(r, "curated->curated", "validation") == suite.paired_interval([4, 5, 1])
+    assert suite.versus_full(r, "curated->curated")["mean"] == pytest.approx(-40 / 3)  # test: the other way
+    assert suite.versus_full(r, "curated->curated", "counterfactual") is None  # not evaluated there
+    del r["arms"]["full->full"]["seeds"]["2"]["validation"]  # only the seeds both have
+    assert suite.versus_full(r, "curated->curated", "validation") == suite.paired_interval([4, 5])
+
+
 def test_the_outcome_is_harmless_only_when_its_interval_clears_minus_five_percent(suite):
     steady = results(**{"full->full": [30, 31, 32], "clean": [10, 11, 12], "curated->full": [31, 32, 33]})
     out = suite.outcome_of(steady, "curated->full")  # -1/20 = -5% on every seed: the bound itself

@@ -150,8 +150,10 @@ def measure_of(results: dict) -> str:
 
 def summarize(results: dict) -> dict:
     """Per arm mean and std; paired differences against the references (``full->full`` or
-    ``full``, ``random->full`` or ``random``, the better of the pairup/hard baselines, and
-    ``clean`` with the share of the gap recovered). Fills ``results["summary"]`` and returns it."""
+    ``full``, the arm's random control and the better of its pairup/hard controls
+    (:func:`control_arms`: ``random->full`` for ``curated->full``, ``random->random`` for
+    ``curated->curated``), and ``clean`` with the share of the gap recovered). Fills
+    ``results["summary"]`` and returns it."""
     arms = results["arms"]
     key = measure_of(results)
     done = {arm: {int(s): c for s, c in entry.get("seeds", {}).items()} for arm, entry in arms.items()}
@@ -175,14 +177,16 @@ def summarize(results: dict) -> dict:
             summary[arm]["worst_class_accuracy_mean"] = statistics.fmean(
                 c["worst_class_accuracy"] for c in cells.values())
 
-    def best_baseline(two_stage: bool) -> str | None:
-        names = ("pairup->full", "hard->full") if two_stage else ("pairup", "hard")
-        have = [n for n in names if n in summary]
+    def control(arm: str, kind: str) -> str | None:
+        return next((c for c in control_arms(arm, kind) if c in summary), None)
+
+    def best_baseline(arm: str) -> str | None:
+        have = [c for c in (control(arm, "pairup"), control(arm, "hard")) if c is not None]
         return min(have, key=lambda n: summary[n][f"{key}_mean"]) if have else None
 
     for arm, entry in summary.items():
         two = len(arm_stages(arm)) >= 2
-        refs = ["full->full", "random->full", best_baseline(True)] if two else ["full", "random", best_baseline(False)]
+        refs = [_plain_reference(arm), control(arm, "random"), best_baseline(arm)]
         if "clean" in done and arm != "clean" and two:
             refs.append("clean")
         for ref in refs:
@@ -212,7 +216,7 @@ def summarize(results: dict) -> dict:
             entry["counterfactual"] = _held_out_entry(done, arm, refs, key, ("counterfactual",))
             entry["decision"] = _held_out_entry(done, arm, refs, key, DECISION_SPLITS)
     if "full->full" in summary:
-        summary["full->full"]["baseline_choice"] = best_baseline(True)
+        summary["full->full"]["baseline_choice"] = best_baseline("curated->full")
     results["summary"] = summary
     results["recommendation"] = recommendation(results)
     return summary
@@ -256,6 +260,18 @@ _CONTROL_STAGES = {"full", "random", "pairup", "hard"}
 #: more plain errors on average" still let through two arms that were worse on test (+30, +55
 #: errors); "fewer, beyond noise" let none through. (A one-stage arm is held to ``full``.)
 PLAIN_REFERENCE = "full->full"
+
+
+def control_arms(arm: str, kind: str) -> tuple[str, ...]:
+    """The arms that control ``arm`` for ``kind`` (``random``, ``pairup``, ``hard``), best first:
+    the matched one does ``kind`` at every stage where ``arm`` does something other than plain
+    training (``curated->curated`` -> ``random->random``), so an arm that acts in both stages is
+    held to a control that also acts in both; then the usual ``kind->full`` (``kind`` for a
+    one-stage arm) for an experiment that did not run the matched one. Never ``arm`` itself."""
+    stages = arm_stages(arm)
+    matched = "->".join(s if s == "full" else kind for s in stages)
+    usual = f"{kind}->full" if len(stages) >= 2 else kind
+    return tuple(c for c in dict.fromkeys((matched, usual)) if c != arm)
 
 
 def _plain_reference(arm: str) -> str:
