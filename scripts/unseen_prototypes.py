@@ -157,7 +157,8 @@ def own_pick(suite, run: Path, planted, figures: dict, validation) -> dict:
     into held-out images of other classes (the counterfactual copies made from this prototype
     alone), the share of them the model then answers with the donor's class (beyond what it did
     before the paste) per share of the image pasted. Returns each statistic per prototype and the
-    own prototype's rank (1 = largest) among the flagged ones."""
+    own prototype's rank among the flagged ones, largest first and smallest first (1: the
+    statistic read that way picks it)."""
     own = own_prototypes(suite, figures)
     store = RunStore.open(run)
     model, _ = final_model(store, planted.dataset)
@@ -178,9 +179,12 @@ def own_pick(suite, run: Path, planted, figures: dict, validation) -> dict:
                     "spread": float(distances[assignment == k].mean() / distances.mean()),
                     "within_class_separability": within[k],
                     "flip_per_area": flip / float(moved.masks.float().mean())}
-    ranks = {name: sorted(stats, key=lambda k: -stats[k][name]).index(own[0]) + 1
-             for name in PICK_STATISTICS} if own else {}
-    return {"own_prototypes": own, "flagged": len(stats), "statistics": stats, "own_rank": ranks}
+    def rank(name: str, sign: float) -> int:
+        return sorted(stats, key=lambda k: -sign * stats[k][name]).index(own[0]) + 1
+
+    return {"own_prototypes": own, "flagged": len(stats), "statistics": stats,
+            "own_rank": {name: rank(name, 1.0) for name in PICK_STATISTICS} if own else {},
+            "own_rank_smallest_first": {name: rank(name, -1.0) for name in PICK_STATISTICS} if own else {}}
 
 
 OWN_ARMS = ("full->full", "curated->full", "transplanted->full", "curated->curated", "transplanted->transplanted",

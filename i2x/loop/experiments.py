@@ -64,6 +64,7 @@ _NEEDS_TARGETS = set(STRATEGIES) - {"full", "oracle", "cleaned"}
 ALL_ARMS = (
     "full", "curated", "full->full", "curated->curated", "curated->full", "perturbed->full", "transplanted->full",
     "reweighted->full", "penalized->full", "random->full", "pairup->full", "hard->full",
+    "random->random", "hard->hard",  # the controls of curated->curated (control_arms)
     "perturbed", "transplanted", "reweighted", "penalized", "random", "pairup", "hard",
 )
 DEFAULT_ARMS = ALL_ARMS
