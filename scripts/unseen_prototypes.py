@@ -54,7 +54,7 @@ import torch
 
 import i2x
 from i2x._internal.otsu import otsu_threshold, separability
-from i2x.data import load_dataset, training_subset
+from i2x.data import held_out_images, load_dataset, training_subset
 from i2x.loop import find_targets
 from i2x.loop.planted import draw_marks
 from i2x.models import build_model
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         marks.append(suite.FIRST_SQUARE)
     chosen = range(len(marks)) if args.only is None else [int(v) for v in args.only.split(",")]
     test = load_dataset("fashion-mnist", train=False) if args.own_experiment else None
-    validation = (suite.held_out(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size,
+    validation = (held_out_images(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size,
                                  suite.VALIDATION_SIZE) if args.own_pick else None)
     rows = []
     for i in chosen:

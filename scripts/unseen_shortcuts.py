@@ -17,7 +17,7 @@ Per mark, on Fashion-MNIST (``--train-size`` training images, the demo's recipe)
 2. The whole loop with the library's defaults and no hint: ``train_run`` (online Tracker,
    prototypes), ``i2x.analyze`` (no pair, class or prototype given), ``find_targets`` (the
    default rule, ``--scope``), the counterfactual copies of the held-out images
-   (``i2x.apps.demo.counterfactual_split``), ``i2x.experiment`` over the demo's arms with the
+   (``i2x.loop.counterfactual_split``), ``i2x.experiment`` over the demo's arms with the
    held-out images, and the arm the experiment recommends (or none: the model is kept).
 3. A clean model (the same recipe on the unmarked images, trained once for all marks) gives the
    ``clean`` arm: the reference the gap is measured to.
@@ -51,9 +51,9 @@ from pathlib import Path
 import torch
 
 import i2x
-from i2x.apps.demo import DEMO_PLANS, counterfactual_split, held_out, train_run
-from i2x.data import load_dataset, training_subset
-from i2x.loop import find_targets
+from i2x.apps.demo import DEMO_PLANS, train_run
+from i2x.data import held_out_images, load_dataset, training_subset
+from i2x.loop import counterfactual_split, find_targets
 from i2x.loop.experiments import paired_interval
 from i2x.loop.planted import OWN_SHARE, Mark, draw_marks
 from i2x.loop.targets import NothingToCurate, load_targets
@@ -326,7 +326,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     full_train, full_test = load_dataset("fashion-mnist", train=True), load_dataset("fashion-mnist", train=False)
     train, _ = training_subset(full_train, args.train_size, seed=0)
-    ctx = {"train": train, "test": full_test, "validation": held_out(full_train, args.train_size, VALIDATION_SIZE)}
+    ctx = {"train": train, "test": full_test,
+           "validation": held_out_images(full_train, args.train_size, VALIDATION_SIZE)}
     if ctx["validation"] is None:
         p.error("--train-size: leave images out of training for the validation split")
     _, clean, _ = train_run(args.out / "clean", train, epochs=args.epochs, probe_size=PLAN.probe_size,

@@ -168,6 +168,51 @@ def test_experiment_failure_is_status_1(loop, tmp_path, capsys):
     assert err.startswith("i2x experiment: failed: FloatingPointError:") and err.count("\n") == 1
 
 
+def test_experiment_holds_out_what_the_run_did_not_train_on(tmp_path, capsys):
+    """A run ``i2x train`` made on 1,000 of digits' training images: ``i2x experiment`` decides its
+    recommendation on the other images and their counterfactual copies, exactly as the API does
+    with ``held_out_images`` and ``counterfactual_split``; ``--hold-out 0`` holds out none."""
+    from i2x.data import held_out_images, training_subset
+    from i2x.loop import counterfactual_split
+
+    run = tmp_path / "run"
+    assert main(["train", str(run), "--data", "digits", "--train-size", "1000", "--epochs", "2", "--widths", "8,16,32",
+                 "--probe-size", "300", "--n-prototypes", "8", "--precision", "fp32", "--quiet"]) == 0
+    analysis = i2x.analyze(run, n_pairs=3)
+    pair = next((e["pair"] for e in analysis.data["uncertainty"] if e["flagged"] or e.get("decisive")), None)
+    assert pair, "the run's analysis flagged no prototype for any pair"
+    assert main(["curate", str(run), "--data", "digits", "--pair", str(pair[0]), str(pair[1]), "--quiet"]) == 0
+    arms = ["--arms", "full->full,curated->full,random->full", "--seeds", "2", "--precision", "fp32", "--quiet"]
+    assert main(["experiment", str(run), "--data", "digits", *arms, "--hold-out", "300"]) == 0
+    results = i2x.load_results(run)
+    assert results["config"]["validation_size"] == 300
+
+    full = i2x.load_dataset("digits")
+    train, _ = training_subset(full, 1000, seed=0)
+    validation = held_out_images(full, 1000, 300)
+    model = _final_model(run)
+    copies = counterfactual_split(i2x.RunStore.open(run), model, validation, train)
+    assert copies is not None and results["config"]["counterfactual_size"] == len(copies)
+    api = i2x.experiment(run, model, train, i2x.load_dataset("digits", train=False), arms=["full->full"], seeds=1,
+                         precision="fp32", validation=validation, counterfactual=copies, name="api")
+    cli_cell, api_cell = results["arms"]["full->full"]["seeds"]["0"], api["arms"]["full->full"]["seeds"]["0"]
+    for split in ("validation", "counterfactual"):
+        assert cli_cell.get(split) == api_cell.get(split), split
+    assert "recommendation" in results and "no validation images" not in results["recommendation"]["reason"]
+
+    # --hold-out 0: none held out, so nothing is recommended, and the results say why
+    assert main(["experiment", str(run), "--data", "digits", *arms, "--hold-out", "0", "--name", "none"]) == 0
+    none = i2x.load_results(run, name="none")
+    assert "validation_size" not in none["config"] and "no validation images" in none["recommendation"]["reason"]
+    # resumed without --hold-out 0 it would hold images out: refused, saying how it began
+    assert main(["experiment", str(run), "--data", "digits", *arms, "--name", "none"]) == 2
+    assert "it held out none (validation=; from the command line --hold-out 0)" in _one_line_error(capsys, "experiment")
+    # by default: the demo's 2,000, or as many as are left (437)
+    assert main(["experiment", str(run), "--data", "digits", "--arms", "full->full", "--seeds", "1", "--precision",
+                 "fp32", "--quiet", "--name", "auto"]) == 0
+    assert i2x.load_results(run, name="auto")["config"]["validation_size"] == len(full) - 1000
+
+
 # ----------------------------------------------------------------------------------------------
 # one-line errors
 
@@ -222,6 +267,9 @@ def test_bad_options(loop, tmp_path, capsys):
     assert "Python API" in _one_line_error(capsys, "experiment")
     assert main([*exp, "--arms", " , "]) == 2
     _one_line_error(capsys, "experiment")
+    assert main([*exp, "--arms", "full", "--hold-out", "100"]) == 2  # the run trained on every image
+    err = _one_line_error(capsys, "experiment")
+    assert "--hold-out 100" in err and "every training image of 'digits'" in err and "--train-size" in err
 
     cur = ["curate", run, "--data", "digits"]
     assert main([*cur, "--rule-option", "tresh=0.3"]) == 2

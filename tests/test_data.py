@@ -631,3 +631,27 @@ def test_loader_bad_arguments():
         make_loader(small_dataset(), batch_size=0)
     with pytest.raises(TypeError, match="seed"):
         make_loader(small_dataset(), seed=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# held_out_images: what a run did not train on
+
+
+def test_held_out_images_are_the_rest_of_the_training_subset_stratified():
+    labels = torch.arange(600) % 3  # 200 per class
+    full = ImageDataset(torch.arange(600, dtype=torch.float32).view(600, 1, 1, 1), labels, ["a", "b", "c"],
+                        "digits", "train")  # each image's one pixel is its index
+    train, _ = data.training_subset(full, 450, seed=4)
+    held = data.held_out_images(full, 450, 60, subset_seed=4)
+    trained = set(train.images.flatten().long().tolist())
+    picked = held.images.flatten().long().tolist()
+    assert len(picked) == 60 and len(set(picked)) == 60 and not trained & set(picked)
+    assert torch.equal(held.labels, labels[torch.tensor(picked)])
+    assert class_counts(held.labels, torch.arange(60)) == [20, 20, 20]
+    # more asked than left: all 150 that are left
+    rest = data.held_out_images(full, 450, 10_000, subset_seed=4)
+    assert set(rest.images.flatten().long().tolist()) == set(range(600)) - trained
+    # another subset seed leaves other images; no subset, or one that took everything, leaves none
+    assert set(data.held_out_images(full, 450, 150, subset_seed=5).images.flatten().long().tolist()) != set(picked)
+    assert data.held_out_images(full, None, 60) is None and data.held_out_images(full, 600, 60) is None
+    assert data.held_out_images(full, 598, 60) is None  # 2 left: fewer than one per class

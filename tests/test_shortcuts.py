@@ -355,7 +355,7 @@ def test_the_counterfactual_split_is_built_at_the_experiments_scope(decoy_run):
     """The held-out copies the recommendation is decided on carry the decoys the model-wide rule
     flags, moved into the classes that never have one (1 and 3): the planted squares themselves, at
     a corner. The pair rule's copies stay inside the most confused pair."""
-    from i2x.apps.demo import counterfactual_split
+    from i2x.loop import counterfactual_split
     from i2x.loop.strategies import batch_of
 
     held, _ = decoy_set(n_per_class=60, seed=5)

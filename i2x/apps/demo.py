@@ -31,9 +31,10 @@ from i2x._internal.memory import check_memory_budget
 from i2x._internal.modules import layer_output_shape
 from i2x._internal.weights import load_state_into
 from i2x.analysis import analyze
-from i2x.data import load_dataset, stratified_subset, training_subset
+from i2x.data import held_out_images, load_dataset, training_subset
 from i2x.loop import ALL_ARMS, NothingToCurate, experiment, find_targets
 from i2x.loop.experiments import check_arms
+from i2x.loop.held_out import counterfactual_split
 from i2x.loop.training import TRAIN_LR, calibration_images, evaluate
 from i2x.loop.training import train as train_model
 from i2x.models import build_model
@@ -188,7 +189,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     _progress.log(f"i2x demo: data: {why}")
     train, record = training_subset(full_train, plan.train_size, seed=0)
     test, _ = training_subset(full_test, plan.test_size, seed=0)
-    validation = held_out(full_train, plan.train_size, VALIDATION_SIZE)
+    validation = held_out_images(full_train, plan.train_size, VALIDATION_SIZE)
     epochs_needed = max(plan.epochs, math.ceil(plan.min_steps / _steps_per_epoch(len(train), plan.batch_size)))
     lap("data")
 
@@ -315,35 +316,6 @@ def _pair_summary(entry, evaluation, classes) -> dict | None:
 VALIDATION_SIZE = 2_000
 
 _CONTROLS = ("full->full", "full", "random->full", "random", "hard->full", "hard", "pairup->full", "pairup")
-
-
-def counterfactual_split(store, model, validation, train, device=None, memory_budget=None, scope: str = "pair"):
-    """The held-out images' counterfactual copies: targets found on them by the run's own rule at
-    the experiment's ``scope`` (not saved: the run's targets stay the training set's), each flagged
-    cue pasted into a held-out image of another class (the pair's other class, or with
-    ``scope="model"`` any other class: :meth:`Targets.counterfactual`). None when nothing is
-    flagged there."""
-    try:
-        held = find_targets(store.path, model, validation, device=device, save=False, probe_dataset=train,
-                            memory_budget=memory_budget, scope=scope)
-        return held.counterfactual(validation, seed=0)
-    except NothingToCurate:
-        return None
-
-
-def held_out(full_train, train_size: int | None, size: int):
-    """Up to ``size`` training images the demo does not train on (stratified, seeded), for the
-    experiment to decide its recommendation on; None when the training subset took every image."""
-    labels = full_train.labels
-    if train_size is None or train_size >= labels.numel():
-        return None
-    keep = torch.ones(labels.numel(), dtype=torch.bool)
-    keep[stratified_subset(labels, train_size, seed=0)] = False  # the rows training_subset took
-    rest = keep.nonzero().flatten()
-    if rest.numel() < full_train.num_classes:
-        return None
-    chosen = rest[stratified_subset(labels[rest], min(size, rest.numel()), seed=1)]
-    return full_train.subset(chosen)
 
 
 def _best_arm(results: dict | None) -> dict | None:

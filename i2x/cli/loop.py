@@ -19,6 +19,7 @@ from i2x.cli.common import (
     int_list,
     key_value,
     non_negative_float,
+    non_negative_int,
     open_run,
     plain_name,
     positive_float,
@@ -27,6 +28,10 @@ from i2x.cli.common import (
     run_model,
     warnings_as_lines,
 )
+
+#: Held-out images ``i2x experiment`` decides its recommendation on by default (``i2x demo``'s
+#: ``VALIDATION_SIZE``: the same 2,000 images of a run the demo trained).
+HOLD_OUT = 2_000
 
 
 def register(sub) -> None:
@@ -88,6 +93,10 @@ def register(sub) -> None:
     exp.add_argument("--scope", choices=["pair", "model"], default="pair",
                      help="pair (default): the run's pair targets, arms compared on the pair's test confusions; "
                           "model: model-wide targets (i2x curate --scope model), arms compared on all test errors")
+    exp.add_argument("--hold-out", type=non_negative_int, default=None, metavar="N",
+                     help="decide the recommendation on N training images the run did not train on (outside its "
+                          f"recorded --train-size subset) and their counterfactual copies (default: {HOLD_OUT} where "
+                          "the run trained on a subset, else none; 0: none)")
     exp.add_argument("--name", type=plain_name, default="experiment",
                      help="the experiment's folder in the run: letters, digits, '_', '-' (default experiment)")
     add_memory_budget(exp)
@@ -228,6 +237,36 @@ def _labels(args) -> int:
     return 0
 
 
+def _held_out(store, args, model, train):
+    """``(validation, counterfactual)`` for the experiment: ``--hold-out`` training images outside
+    the run's recorded training subset (as ``i2x demo`` holds them out) and their counterfactual
+    copies at the experiment's scope; ``(None, None)`` with ``--hold-out 0``, or by default where
+    the run trained on every training image. Asked for where none is left: ValueError."""
+    from i2x.data import DATASET_INFO, held_out_images, load_recorded_dataset
+    from i2x.loop.held_out import counterfactual_split
+
+    if args.hold_out == 0:
+        return None, None
+    record = store.manifest["dataset"]
+    subset = record.get("subset") or {}
+    validation = None
+    if subset and record.get("name") in DATASET_INFO:
+        full = load_recorded_dataset({k: v for k, v in record.items() if k != "subset"}, root=args.data_root,
+                                     train=True, size=args.size)
+        validation = held_out_images(full, int(subset["size"]), args.hold_out or HOLD_OUT,
+                                     subset_seed=int(subset.get("seed", 0)))
+    if validation is None:
+        if args.hold_out is None:
+            return None, None
+        why = (f"the run trained on a subset of {record.get('name')!r}, which i2x cannot load by name"
+               if subset else f"the run trained on every training image of {record.get('name')!r}")
+        raise ValueError(f"--hold-out {args.hold_out}: {why}, so no image is left to hold out; train on a subset "
+                         "(i2x train --train-size) or give held-out images through the Python API "
+                         "(i2x.experiment(validation=...))")
+    return validation, counterfactual_split(store, model, validation, train, args.device, args.memory_budget,
+                                            scope=args.scope)
+
+
 def _experiment(args) -> int:
     from i2x.loop.experiments import experiment, results_markdown
 
@@ -237,6 +276,7 @@ def _experiment(args) -> int:
     train = run_data(store, args, train=True)
     test = run_data(store, args, train=False)
     check_grid(model, store, train, args.device)
+    validation, counterfactual = _held_out(store, args, model, train)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: process 0 alone prints the table
     quiet = args.quiet or args.json
     where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -247,7 +287,8 @@ def _experiment(args) -> int:
                                  epochs_per_stage=args.epochs_per_stage, lr=args.lr,
                                  batch_size=args.batch_size, perturb_mode=args.perturb_mode,
                                  penalty_weight=args.penalty_weight, precision=args.precision, device=args.device,
-                                 name=args.name, log=log, memory_budget=args.memory_budget, scope=args.scope)
+                                 name=args.name, log=log, memory_budget=args.memory_budget, scope=args.scope,
+                                 validation=validation, counterfactual=counterfactual)
     except KeyboardInterrupt:
         print(f"i2x experiment: interrupted; the finished cells are in {store.path / args.name / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)

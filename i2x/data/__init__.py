@@ -71,6 +71,7 @@ __all__ = [
     "dataset_for_run",
     "check_dataset_for_run",
     "training_subset",
+    "held_out_images",
     "batch_of",
     "labels_of",
     "DATASET_INFO",
@@ -353,6 +354,23 @@ def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> t
     check_int(size, "size (one image per class at least)", dataset.num_classes)
     return dataset.subset(stratified_subset(dataset.labels, int(size), seed=seed)), {
         "subset": {"size": int(size), "seed": int(seed)}}
+
+
+def held_out_images(full_train: ImageDataset, train_size: int | None, size: int, subset_seed: int = 0):
+    """Up to ``size`` images of ``full_train`` that :func:`training_subset` (``train_size``,
+    ``subset_seed``) did not take, stratified and seeded: images no model of the run trained on,
+    for an experiment to decide its recommendation on. None when the subset took every image (or
+    left fewer than one per class)."""
+    labels = full_train.labels
+    if train_size is None or train_size >= labels.numel():
+        return None
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[stratified_subset(labels, train_size, seed=subset_seed)] = False  # the rows training_subset took
+    rest = keep.nonzero().flatten()
+    if rest.numel() < full_train.num_classes:
+        return None
+    chosen = rest[stratified_subset(labels[rest], min(size, rest.numel()), seed=1)]
+    return full_train.subset(chosen)
 
 
 def load_recorded_dataset(record, root: str | os.PathLike | None = None, train: bool = True,

@@ -840,7 +840,11 @@ def _open_results(folder: Path, config: dict, store: RunStore, pair) -> dict:
         old = {k: v for k, v in results["config"].items() if k != "seeds"}
         if old != config:
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ValueError(f"{path} holds an experiment with other settings ({', '.join(diff)} differ); "
+            held = ("; it held out " + (f"{old['validation_size']} images" if "validation_size" in old else "none")
+                    + " (validation=; from the command line --hold-out "
+                    + (str(old["validation_size"]) if "validation_size" in old else "0") + ")"
+                    if "validation_size" in diff else "")
+            raise ValueError(f"{path} holds an experiment with other settings ({', '.join(diff)} differ{held}); "
                              f"give the experiment another name (name=, --name) or remove {folder} to start again")
         return results
     names = store.classes
