@@ -238,8 +238,8 @@ def main(argv=None) -> int:
         marks.append(suite.FIRST_SQUARE)
     chosen = range(len(marks)) if args.only is None else [int(v) for v in args.only.split(",")]
     test = load_dataset("fashion-mnist", train=False) if args.own_experiment else None
-    validation = (held_out_images(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size,
-                                 suite.VALIDATION_SIZE) if args.own_pick else None)
+    validation = (held_out_images(load_dataset("fashion-mnist", train=True), suite.PLAN.train_size)
+                  if args.own_pick else None)
     rows = []
     for i in chosen:
         run = args.out / f"mark-{i:02d}" / "run"

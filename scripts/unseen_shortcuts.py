@@ -60,7 +60,6 @@ from i2x.loop.targets import NothingToCurate, load_targets
 from i2x.store import RunStore
 
 PUBLISHED_SEED = 2027  # 2026: the first published run (docs/results/unseen-shortcuts-seed2026.json)
-VALIDATION_SIZE = 2_000
 PLAN = DEMO_PLANS["default"]
 ARMS = (*PLAN.arms, "clean")
 #: The mark of the first experiments (docs/results/fashion-mnist-shortcut.md): a bright 4 x 4 square
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
     full_train, full_test = load_dataset("fashion-mnist", train=True), load_dataset("fashion-mnist", train=False)
     train, _ = training_subset(full_train, args.train_size, seed=0)
     ctx = {"train": train, "test": full_test,
-           "validation": held_out_images(full_train, args.train_size, VALIDATION_SIZE)}
+           "validation": held_out_images(full_train, args.train_size)}
     if ctx["validation"] is None:
         p.error("--train-size: leave images out of training for the validation split")
     _, clean, _ = train_run(args.out / "clean", train, epochs=args.epochs, probe_size=PLAN.probe_size,

@@ -648,7 +648,8 @@ def test_held_out_images_are_the_rest_of_the_training_subset_stratified():
     assert len(picked) == 60 and len(set(picked)) == 60 and not trained & set(picked)
     assert torch.equal(held.labels, labels[torch.tensor(picked)])
     assert class_counts(held.labels, torch.arange(60)) == [20, 20, 20]
-    # more asked than left: all 150 that are left
+    # more asked than left (the default, HELD_OUT_SIZE, too): all 150 that are left
+    assert data.HELD_OUT_SIZE == 2_000 and len(data.held_out_images(full, 450, subset_seed=4)) == 150
     rest = data.held_out_images(full, 450, 10_000, subset_seed=4)
     assert set(rest.images.flatten().long().tolist()) == set(range(600)) - trained
     # another subset seed leaves other images; no subset, or one that took everything, leaves none

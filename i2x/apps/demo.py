@@ -189,7 +189,7 @@ def demo(folder=None, *, quick: bool = False, full: bool = False, data: str | No
     _progress.log(f"i2x demo: data: {why}")
     train, record = training_subset(full_train, plan.train_size, seed=0)
     test, _ = training_subset(full_test, plan.test_size, seed=0)
-    validation = held_out_images(full_train, plan.train_size, VALIDATION_SIZE)
+    validation = held_out_images(full_train, plan.train_size)
     epochs_needed = max(plan.epochs, math.ceil(plan.min_steps / _steps_per_epoch(len(train), plan.batch_size)))
     lap("data")
 
@@ -311,9 +311,6 @@ def _pair_summary(entry, evaluation, classes) -> dict | None:
             "uncertain": [{"prototype": f["prototype"], "score": f["score"]} for f in entry.get("flagged", [])],
             "decisive": [{"prototype": f["prototype"], "score": f["score"]} for f in entry.get("decisive", [])]}
 
-
-# Held-out training images the experiment decides its recommendation on (never the test set).
-VALIDATION_SIZE = 2_000
 
 _CONTROLS = ("full->full", "full", "random->full", "random", "hard->full", "hard", "pairup->full", "pairup")
 

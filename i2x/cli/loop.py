@@ -29,10 +29,6 @@ from i2x.cli.common import (
     warnings_as_lines,
 )
 
-#: Held-out images ``i2x experiment`` decides its recommendation on by default (``i2x demo``'s
-#: ``VALIDATION_SIZE``: the same 2,000 images of a run the demo trained).
-HOLD_OUT = 2_000
-
 
 def register(sub) -> None:
     curate = sub.add_parser("curate", parents=[COMMON],
@@ -95,8 +91,8 @@ def register(sub) -> None:
                           "model: model-wide targets (i2x curate --scope model), arms compared on all test errors")
     exp.add_argument("--hold-out", type=non_negative_int, default=None, metavar="N",
                      help="decide the recommendation on N training images the run did not train on (outside its "
-                          f"recorded --train-size subset) and their counterfactual copies (default: {HOLD_OUT} where "
-                          "the run trained on a subset, else none; 0: none)")
+                          "recorded --train-size subset) and their counterfactual copies (default: 2000, as i2x "
+                          "demo does, where the run trained on a subset, else none; 0: none)")
     exp.add_argument("--name", type=plain_name, default="experiment",
                      help="the experiment's folder in the run: letters, digits, '_', '-' (default experiment)")
     add_memory_budget(exp)
@@ -253,7 +249,7 @@ def _held_out(store, args, model, train):
     if subset and record.get("name") in DATASET_INFO:
         full = load_recorded_dataset({k: v for k, v in record.items() if k != "subset"}, root=args.data_root,
                                      train=True, size=args.size)
-        validation = held_out_images(full, int(subset["size"]), args.hold_out or HOLD_OUT,
+        validation = held_out_images(full, int(subset["size"]), args.hold_out or None,
                                      subset_seed=int(subset.get("seed", 0)))
     if validation is None:
         if args.hold_out is None:

@@ -72,6 +72,7 @@ __all__ = [
     "check_dataset_for_run",
     "training_subset",
     "held_out_images",
+    "HELD_OUT_SIZE",
     "batch_of",
     "labels_of",
     "DATASET_INFO",
@@ -356,11 +357,17 @@ def training_subset(dataset: ImageDataset, size: int | None, seed: int = 0) -> t
         "subset": {"size": int(size), "seed": int(seed)}}
 
 
-def held_out_images(full_train: ImageDataset, train_size: int | None, size: int, subset_seed: int = 0):
-    """Up to ``size`` images of ``full_train`` that :func:`training_subset` (``train_size``,
-    ``subset_seed``) did not take, stratified and seeded: images no model of the run trained on,
-    for an experiment to decide its recommendation on. None when the subset took every image (or
-    left fewer than one per class)."""
+#: How many images :func:`held_out_images` holds out unless told (``i2x demo``, ``i2x experiment``).
+HELD_OUT_SIZE = 2_000
+
+
+def held_out_images(full_train: ImageDataset, train_size: int | None, size: int | None = None,
+                    subset_seed: int = 0):
+    """Up to ``size`` (default :data:`HELD_OUT_SIZE`) images of ``full_train`` that
+    :func:`training_subset` (``train_size``, ``subset_seed``) did not take, stratified and seeded:
+    images no model of the run trained on, for an experiment to decide its recommendation on. None
+    when the subset took every image (or left fewer than one per class)."""
+    size = HELD_OUT_SIZE if size is None else size
     labels = full_train.labels
     if train_size is None or train_size >= labels.numel():
         return None
