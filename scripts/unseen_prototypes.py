@@ -118,6 +118,20 @@ def own_prototypes(suite, figures: dict) -> list[int]:
     return [f["prototype"] for f in figures["flagged"].get("reading", []) if suite.is_own(f)]
 
 
+def within_class_separability(store: RunStore, model, planted) -> dict[int, float]:
+    """Per flagged prototype of the model-wide reading: how cleanly its target score splits the
+    images of the class it was flagged for (Otsu's separability within that class)."""
+    flagged_for = {x["prototype"]: x["class"] for x in store.read_json("analysis")["shortcuts"]["ranking"]
+                   if x.get("flagged")}
+    out = {}
+    for k, c in flagged_for.items():  # one scoring pass each: Targets keeps only the max over prototypes
+        scores = find_targets(store.path, model, planted.dataset, scope="model", prototypes=[k], save=False,
+                              max_fraction=1.0)
+        own_class = scores.scores[scores.labels == c].double()
+        out[k] = round(separability(own_class, otsu_threshold(own_class)), 3)
+    return out
+
+
 def own_targets(suite, run: Path, planted, figures: dict) -> dict:
     """Precision and recall of the targets from the mark's own flagged prototype(s) alone, with the
     per-class cap and without it (left out where no flagged prototype is the mark's), and each
@@ -126,14 +140,7 @@ def own_targets(suite, run: Path, planted, figures: dict) -> dict:
     out: dict = {"own_prototypes": own, "default": {k: figures["targets"].get(k) for k in ("precision", "recall")}}
     store = RunStore.open(run)
     model, _ = final_model(store, planted.dataset)
-    flagged_for = {x["prototype"]: x["class"] for x in store.read_json("analysis")["shortcuts"]["ranking"]
-                   if x.get("flagged")}
-    out["within_class_separability"] = {}
-    for k, c in flagged_for.items():  # one scoring pass each: Targets keeps only the max over prototypes
-        scores = find_targets(store.path, model, planted.dataset, scope="model", prototypes=[k], save=False,
-                              max_fraction=1.0)
-        own_class = scores.scores[scores.labels == c].double()
-        out["within_class_separability"][k] = round(separability(own_class, otsu_threshold(own_class)), 3)
+    out["within_class_separability"] = within_class_separability(store, model, planted)
     if not own:
         return out
     for cap in (0.5, 1.0):
@@ -165,7 +172,7 @@ def own_pick(suite, run: Path, planted, figures: dict, validation) -> dict:
     flagged = {x["prototype"]: x for x in store.read_json("analysis")["shortcuts"]["ranking"] if x.get("flagged")}
     tensors = store.read_tensors("prototypes", ["assignment", "distances"])
     assignment, distances = tensors["assignment"], tensors["distances"]
-    within = own_targets(suite, run, planted, figures)["within_class_separability"]
+    within = within_class_separability(store, model, planted)  # not own_targets: its cap targets are not needed
     stats: dict[int, dict] = {}
     for k, x in flagged.items():
         moved = find_targets(run, model, validation, save=False, probe_dataset=planted.dataset, scope="model",

@@ -110,11 +110,14 @@ def flagged_prototypes(analysis: dict) -> dict[str, list[int]]:
     return {"reading": [int(p) for p in reading], "pair": pair, "top_pair": top.get("pair")}
 
 
-def _paired_errors(results: dict, arms: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """Test errors per seed of each of ``arms``, on the seeds every one of them ran."""
+def _paired_errors(results: dict, arms: tuple[str, ...], split: str | None = None) -> dict[str, dict[str, int]]:
+    """Test errors (or with ``split`` the errors on that held-out split) per seed of each of
+    ``arms``, on the seeds where every one of them has them."""
     cells = results["arms"]
-    seeds = set.intersection(*(set(cells[a]["seeds"]) for a in arms))
-    return {s: {a: errors_of(cells[a]["seeds"][s]) for a in arms} for s in sorted(seeds)}
+    seeds = set.intersection(*({s for s, c in cells[a]["seeds"].items() if split is None or split in c}
+                               for a in arms))
+    return {s: {a: errors_of(cells[a]["seeds"][s]) if split is None else cells[a]["seeds"][s][split]["errors"]
+                for a in arms} for s in sorted(seeds)}
 
 
 def gap_of(results: dict) -> dict | None:
@@ -140,14 +143,8 @@ def versus_full(results: dict, arm: str, split: str | None = None) -> dict | Non
     """``arm - full->full`` test errors per seed (below 0: the arm did better), with its interval;
     with ``split`` (``validation``, ``counterfactual``) the errors on that held-out split instead:
     what the loop saw when it decided."""
-    if split is None:
-        per_seed = _paired_errors(results, ("full->full", arm))
-        return paired_interval([e[arm] - e["full->full"] for e in per_seed.values()]) if per_seed else None
-    cells = results["arms"]
-    seeds = [s for s in cells[arm]["seeds"] if split in cells[arm]["seeds"][s]
-             and split in cells["full->full"]["seeds"].get(s, {})]
-    return paired_interval([cells[arm]["seeds"][s][split]["errors"] - cells["full->full"]["seeds"][s][split]["errors"]
-                            for s in seeds]) if seeds else None
+    per_seed = _paired_errors(results, ("full->full", arm), split)
+    return paired_interval([e[arm] - e["full->full"] for e in per_seed.values()]) if per_seed else None
 
 
 def outcome_of(results: dict, arm: str | None) -> dict:

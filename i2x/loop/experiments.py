@@ -217,6 +217,7 @@ def summarize(results: dict) -> dict:
             entry["counterfactual"] = _held_out_entry(done, arm, refs, key, ("counterfactual",))
             entry["decision"] = _held_out_entry(done, arm, refs, key, DECISION_SPLITS)
     if "full->full" in summary:
+        # which of pairup->full / hard->full the two-stage arms that end on a plain epoch meet
         summary["full->full"]["baseline_choice"] = best_baseline("curated->full")
     results["summary"] = summary
     results["recommendation"] = recommendation(results)
